@@ -1,0 +1,89 @@
+"""Official SAM checkpoints: known URLs and SHA-256, downloaded into ``MODEL_DIR`` with a check."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict
+
+from tqdm import tqdm
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, corrupt or made for another model."""
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    filename: str
+    url: str
+    sha256: str
+    size: int
+
+
+OFFICIAL_CHECKPOINTS: Dict[str, OfficialCheckpoint] = {
+    "vit_h": OfficialCheckpoint(
+        "sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2564550879),
+    "vit_l": OfficialCheckpoint(
+        "sam_vit_l_0b3195.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1249524607),
+    "vit_b": OfficialCheckpoint(
+        "sam_vit_b_01ec64.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375042383),
+}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_official_checkpoint(model_type: str, model_dir: Path, download: bool = True,
+                               timeout: float = 30.0) -> Path:
+    """Path of the official ``model_type`` checkpoint in ``model_dir``, downloading it if absent.
+
+    Raises CheckpointError naming the file and where to get it when it is absent and cannot be
+    downloaded (offline, or ``download=False``), or when the download fails its SHA-256 check.
+    """
+    if model_type not in OFFICIAL_CHECKPOINTS:
+        raise CheckpointError(f"no official checkpoint for model type {model_type!r}; "
+                              f"known: {sorted(OFFICIAL_CHECKPOINTS)}")
+    ck = OFFICIAL_CHECKPOINTS[model_type]
+    path = Path(model_dir) / ck.filename
+    if path.is_file():
+        return path
+    how = (f"Download {ck.url} (SHA-256 {ck.sha256}) into {path.parent}, "
+           f"or set SAM_CHECKPOINT to the file's path.")
+    if not download:
+        raise CheckpointError(f"SAM {model_type} checkpoint not found at {path}. {how}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{ck.filename}.", suffix=".part", dir=path.parent)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(ck.url, timeout=timeout) as resp:
+            total = int(resp.headers.get("Content-Length") or ck.size)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=ck.filename) as bar:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+        if h.hexdigest() != ck.sha256:
+            raise CheckpointError(f"downloaded {ck.filename} has SHA-256 {h.hexdigest()}, expected "
+                                  f"{ck.sha256}: the file is corrupt or was changed. {how}")
+        os.replace(tmp, path)
+        return path
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise CheckpointError(f"SAM {model_type} checkpoint not found at {path} and the download from "
+                              f"{ck.url} failed ({e}). {how}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,193 @@
+"""Pretraining the small SAM from scratch, the way SAM was trained.
+
+Prompts are SAM's own: a GT box with SAM's small jitter or one point from the mask, followed by
+corrective clicks sampled from the error region with the previous low-res logits fed back as the
+mask prompt. A single point is answered with SAM's three masks and only the best one is penalised
+(SAM's ambiguity-aware loss); every other prompt uses the single-mask output. Loss: BCE + Dice on
+the logits upsampled to the image, plus MSE of the IoU head against the true IoU.
+
+This is *not* Stable-SAM training (see RTS): the noisy prompts that Stable-SAM fixes are absent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+
+from .checkpoint import atomic_torch_save
+from .data.synthetic import HELDOUT_SEED, TRAIN_SEED, Scene, SyntheticScenes
+from .prompts import error_point, mask_to_box, sam_jittered_box, sample_points
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 3000
+    batch_size: int = 8
+    masks_per_image: int = 6
+    iterations: int = 3
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.02
+    warmup_steps: int = 150
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    point_prob: float = 0.5
+    seed: int = 0
+    eval_every: int = 250
+    eval_images: int = 48
+
+
+def image_to_tensor(sam: Sam, image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 (long side == encoder size) -> normalised, padded 3 x S x S float tensor."""
+    x = torch.as_tensor(np.ascontiguousarray(image).copy(), device=sam.device).permute(2, 0, 1).float()
+    return sam.preprocess(x[None])[0]
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-mask BCE + Dice. logits, target: N x K x H x W -> N x K."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))
+    prob = logits.sigmoid()
+    inter = (prob * target).sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1)
+    return bce + dice
+
+
+def binary_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks over the last two dims; an empty union counts as IoU 1."""
+    inter = (pred & target).sum(dim=(-2, -1)).float()
+    union = (pred | target).sum(dim=(-2, -1)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def _lr_factor(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _image_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, cfg: PretrainConfig,
+                rng: np.random.Generator) -> torch.Tensor:
+    """Loss of one image over ``cfg.iterations`` rounds of prompting for a subset of its objects."""
+    size = sam.image_encoder.img_size
+    h, w = scene.image.shape[:2]
+    chosen = rng.permutation(len(scene.masks))[: cfg.masks_per_image]
+    gt_np = np.stack([scene.masks[i] for i in chosen])
+    gt = torch.as_tensor(gt_np, device=sam.device)[:, None]  # M x 1 x H x W
+    m = len(chosen)
+    use_points = rng.random() < cfg.point_prob
+    boxes = None if use_points else torch.as_tensor(
+        np.stack([sam_jittered_box(g, rng) for g in gt_np]), device=sam.device)
+    coords = np.zeros((m, 0, 2), np.float32)
+    labels = np.zeros((m, 0), np.int64)
+    if use_points:
+        coords = np.stack([sample_points(g, 1, rng) for g in gt_np])
+        labels = np.ones((m, 1), np.int64)
+    mask_input: Optional[torch.Tensor] = None
+    pe = sam.prompt_encoder.get_dense_pe()
+    total = embedding.new_zeros(())
+    for it in range(cfg.iterations):
+        points = None
+        if coords.shape[1]:
+            points = (torch.as_tensor(coords, device=sam.device), torch.as_tensor(labels, device=sam.device))
+        sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        multimask = it == 0 and use_points
+        low, iou_pred = sam.mask_decoder(embedding[None], pe, sparse, dense, multimask)
+        up = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[..., :h, :w]
+        target = gt.float().expand_as(up)
+        seg = bce_dice_loss(up, target)  # M x K
+        best = seg.argmin(dim=1)
+        rows = torch.arange(m, device=sam.device)
+        with torch.no_grad():
+            pred = up > 0
+            true_iou = binary_iou(pred, gt.expand_as(pred))
+        total = total + seg[rows, best].mean() + F.mse_loss(iou_pred, true_iou)
+        if it + 1 < cfg.iterations:
+            pred_best = pred[rows, best].cpu().numpy()
+            new = [error_point(pred_best[j], gt_np[j], rng) for j in range(m)]
+            coords = np.concatenate([coords, np.stack([p for p, _ in new])[:, None]], axis=1)
+            labels = np.concatenate([labels, np.array([[lab] for _, lab in new])], axis=1)
+            mask_input = low[rows, best][:, None].detach()
+    return total / cfg.iterations
+
+
+@torch.no_grad()
+def quick_eval(sam: Sam, scenes: SyntheticScenes, n_images: int, seed: int = 0) -> Dict[str, float]:
+    """Held-out mIoU for a GT box (single mask) and one point (best of three by predicted IoU)."""
+    sam.eval()
+    rng = np.random.default_rng(seed)
+    pe = sam.prompt_encoder.get_dense_pe()
+    size = sam.image_encoder.img_size
+    ious: Dict[str, List[float]] = {"gt_box": [], "point1": []}
+    for idx in range(n_images):
+        scene = scenes[idx]
+        if not scene.masks:
+            continue
+        h, w = scene.image.shape[:2]
+        emb = sam.image_encoder(image_to_tensor(sam, scene.image)[None])
+        gt_np = np.stack(scene.masks)
+        gt = torch.as_tensor(gt_np, device=sam.device)
+        boxes = torch.as_tensor(np.stack([mask_to_box(g) for g in gt_np]), device=sam.device)
+        pts = torch.as_tensor(np.stack([sample_points(g, 1, rng) for g in gt_np]), device=sam.device)
+        lbl = torch.ones(pts.shape[:2], dtype=torch.int64, device=sam.device)
+        for name, kwargs, multi in (("gt_box", {"points": None, "boxes": boxes}, False),
+                                    ("point1", {"points": (pts, lbl), "boxes": None}, True)):
+            sparse, dense = sam.prompt_encoder(masks=None, **kwargs)
+            low, iou_pred = sam.mask_decoder(emb, pe, sparse, dense, multi)
+            pick = iou_pred.argmax(dim=1)
+            low = low[torch.arange(len(pick)), pick][:, None]
+            up = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[:, 0, :h, :w]
+            ious[name] += binary_iou(up > 0, gt).tolist()
+    sam.train()
+    return {k: float(np.mean(v)) for k, v in ious.items()}
+
+
+def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
+                 log: Callable[[str], None] = print) -> Dict[str, object]:
+    """Train every SAM weight from scratch on synthetic scenes; save fp16 weights to ``out_path``."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    train = SyntheticScenes(seed=TRAIN_SEED + cfg.seed)
+    heldout = SyntheticScenes(seed=HELDOUT_SEED)
+    opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    history: List[Dict[str, float]] = []
+    sam.train()
+    start = time.time()
+    running = 0.0
+    for step in range(cfg.steps):
+        scenes = [train[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
+        scenes = [s for s in scenes if s.masks]
+        batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
+        emb = sam.image_encoder(batch)
+        loss = sum(_image_loss(sam, emb[i], s, cfg, rng) for i, s in enumerate(scenes)) / len(scenes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if (step + 1) % 25 == 0:
+            log(f"step {step + 1}/{cfg.steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{(time.time() - start) / (step + 1):.2f} s/step")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            metrics = quick_eval(sam, heldout, cfg.eval_images)
+            history.append({"step": step + 1, "loss": running, "minutes": (time.time() - start) / 60, **metrics})
+            log(f"eval step {step + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            save_sam_fp16(sam, out_path)
+    summary = {"config": asdict(cfg), "history": history, "minutes": (time.time() - start) / 60}
+    return summary
+
+
+def save_sam_fp16(sam: Sam, path: Path) -> Path:
+    """Save SAM's state dict as fp16 CPU tensors (about half the size, the same masks)."""
+    state = {k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
+             for k, v in sam.state_dict().items()}
+    return atomic_torch_save(state, path)

@@ -1,0 +1,76 @@
+"""Prompt generators: boxes and points drawn from ground-truth masks, seeded and reproducible.
+
+Coordinates are pixels, x before y; boxes are XYXY. Two families live here:
+- SAM's own training prompts (``sam_jittered_box``, ``sample_points``, ``error_point``), used to
+  pretrain the small SAM the way SAM was trained;
+- the evaluation protocol's noisy prompts (``noisy_box``: DN-DETR noise of scale s), which are
+  what Stable-SAM is made robust to.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """Tight XYXY box (float32, inclusive pixel edges: x1 = last column + 1) of a non-empty H x W mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("mask is empty: no box can be derived from it")
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+
+
+def clamp_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Clamp an XYXY box to the image and keep it at least one pixel wide and high."""
+    x0, y0, x1, y1 = box
+    x0, x1 = np.clip([x0, x1], 0, width)
+    y0, y1 = np.clip([y0, y1], 0, height)
+    x0, x1 = min(x0, x1), max(x0, x1)
+    y0, y1 = min(y0, y1), max(y0, y1)
+    if x1 - x0 < 1:
+        x1 = min(width, x0 + 1)
+        x0 = x1 - 1
+    if y1 - y0 < 1:
+        y1 = min(height, y0 + 1)
+        y0 = y1 - 1
+    return np.array([x0, y0, x1, y1], dtype=np.float32)
+
+
+def sam_jittered_box(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SAM's training box: each coordinate moved by N(0, 10% of the box side), at most 20 px."""
+    box = mask_to_box(mask)
+    w, h = box[2] - box[0], box[3] - box[1]
+    noise = rng.normal(0.0, 0.1, 4) * np.array([w, h, w, h])
+    noise = np.clip(noise, -20, 20)
+    return clamp_box(box + noise, *mask.shape)
+
+
+def noisy_box(mask: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """DN-DETR box noise of scale s: (cx, cy, w, h) += U(-1, 1) * (w/2, h/2, w, h) * s, clamped."""
+    x0, y0, x1, y1 = mask_to_box(mask)
+    w, h = x1 - x0, y1 - y0
+    cx, cy = x0 + w / 2, y0 + h / 2
+    d = rng.uniform(-1.0, 1.0, 4) * np.array([w / 2, h / 2, w, h]) * scale
+    cx, cy, w, h = cx + d[0], cy + d[1], max(w + d[2], 1.0), max(h + d[3], 1.0)
+    return clamp_box(np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), *mask.shape)
+
+
+def sample_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k points (k x 2, x y, pixel centres) drawn uniformly from the mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("mask is empty: no point can be drawn inside it")
+    idx = rng.integers(0, len(xs), size=k)
+    return np.stack([xs[idx] + 0.5, ys[idx] + 0.5], axis=1).astype(np.float32)
+
+
+def error_point(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
+    """SAM's corrective click: a point in the error region, positive (1) on a miss, negative (0) on a
+    false alarm, drawn from whichever error is larger. With no error, a positive point in the mask."""
+    fn, fp = gt & ~pred, pred & ~gt
+    region, label = (fn, 1) if fn.sum() >= fp.sum() else (fp, 0)
+    if not region.any():
+        region, label = gt, 1
+    return sample_points(region, 1, rng)[0], label
