@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 
 from stable_sam.build import build_from_settings  # noqa: E402
+from stable_sam.modeling.plugin import count_trainable  # noqa: E402
 from stable_sam.predictor import StableSamPredictor  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -41,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = build_from_settings()
-    print(f"model: {model.version} on {model.device}")
+    print(f"model: {model.version} on {model.device}; plugin: {count_trainable(model.plugin):,} trainable parameters")
     image = np.asarray(ImageOps.exif_transpose(Image.open(args.image)).convert("RGB"))
     predictor = StableSamPredictor(model)
     predictor.set_image(image)

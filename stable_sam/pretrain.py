@@ -24,6 +24,8 @@ from segment_anything.modeling import Sam
 
 from .checkpoint import atomic_torch_save
 from .data.synthetic import HELDOUT_SEED, TRAIN_SEED, Scene, SyntheticScenes
+from .losses import bce_dice_loss
+from .metrics import binary_iou
 from .prompts import error_point, mask_to_box, sam_jittered_box, sample_points
 
 
@@ -48,22 +50,6 @@ def image_to_tensor(sam: Sam, image: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 (long side == encoder size) -> normalised, padded 3 x S x S float tensor."""
     x = torch.as_tensor(np.ascontiguousarray(image).copy(), device=sam.device).permute(2, 0, 1).float()
     return sam.preprocess(x[None])[0]
-
-
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-mask BCE + Dice. logits, target: N x K x H x W -> N x K."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(2, 3))
-    prob = logits.sigmoid()
-    inter = (prob * target).sum(dim=(2, 3))
-    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1)
-    return bce + dice
-
-
-def binary_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the last two dims; an empty union counts as IoU 1."""
-    inter = (pred & target).sum(dim=(-2, -1)).float()
-    union = (pred | target).sum(dim=(-2, -1)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def _lr_factor(step: int, cfg: PretrainConfig) -> float:

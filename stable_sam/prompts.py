@@ -74,3 +74,17 @@ def error_point(pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator) -> T
     if not region.any():
         region, label = gt, 1
     return sample_points(region, 1, rng)[0], label
+
+
+def negative_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k points (k x 2, x y) on background near the object: inside its tight box where the box has
+    background, else anywhere off the mask. The clicks an annotator makes to trim a spill-over."""
+    x0, y0, x1, y1 = mask_to_box(mask).astype(int)
+    near = np.zeros_like(mask)
+    near[y0:y1, x0:x1] = True
+    region = near & ~mask
+    if not region.any():
+        region = ~mask
+    if not region.any():
+        raise ValueError("mask covers the whole image: no negative point can be drawn")
+    return sample_points(region, k, rng)

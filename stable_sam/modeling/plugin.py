@@ -88,9 +88,10 @@ class StableSamPlugin(nn.Module):
         alpha = self.drp(token if self.config.use_drp else torch.zeros_like(token))
         # Contiguous B x 1 x 1 weights: a strided view sends the mixes down a slow CPU path.
         a1, a2 = (alpha[:, i].reshape(-1, 1, 1).contiguous() for i in (0, 1))
-        if self.config.router_activation == "softmax":  # a1 + a2 = 1: one fused op per mix
-            return torch.lerp(x, x_def, a1), torch.lerp(pe, pe_def, a1), alpha
-        return a1 * x_def + a2 * x, a1 * pe_def + a2 * pe, alpha
+        v, p = torch.lerp(x, x_def, a1), torch.lerp(pe, pe_def, a1)  # a1 x_def + (1 - a1) x, fused
+        if self.config.router_activation == "sigmoid":  # independent gates: a1 + a2 need not be 1
+            v, p = v + (a1 + a2 - 1) * x, p + (a1 + a2 - 1) * pe
+        return v, p, alpha
 
 
 @dataclass
