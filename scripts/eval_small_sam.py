@@ -43,6 +43,7 @@ def main() -> None:
     scenes = SyntheticScenes(seed=HELDOUT_SEED)
     rng = np.random.default_rng(args.seed)
     ious = {"gt_box": [], "point1": [], "point3": []}
+    groups = []  # per object: its kind, and "small" under 500 px
     start = time.time()
     for i in tqdm(range(args.images), desc="held-out images", disable=args.json):
         scene = scenes[i]
@@ -50,6 +51,7 @@ def main() -> None:
             continue
         predictor.set_image(scene.image)
         gt = torch.as_tensor(np.stack(scene.masks))
+        groups += [(k, int(m.sum()) < 500) for k, m in zip(scene.kinds, scene.masks)]
         prompts = {
             "gt_box": dict(box=np.stack([mask_to_box(m) for m in scene.masks])),
             "point1": dict(point_coords=np.stack([sample_points(m, 1, rng) for m in scene.masks]),
@@ -66,6 +68,12 @@ def main() -> None:
     print("| prompt | mIoU (%) |\n|---|---|")
     for k, v in result.items():
         print(f"| {k[:-5]} | {v:.1f} |")
+    box = np.array(ious["gt_box"])
+    print("\nGT-box mIoU (%) by object kind and size:")
+    for name, keep in [(k, [g[0] == k for g in groups]) for k in sorted({g[0] for g in groups})] + [
+            ("under 500 px", [g[1] for g in groups]), ("500 px and over", [not g[1] for g in groups])]:
+        keep = np.array(keep)
+        print(f"  {name:16s} {100 * box[keep].mean():5.1f}  ({keep.sum()} objects)")
     if args.json:
         print(json.dumps(result))
 

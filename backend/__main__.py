@@ -1,0 +1,10 @@
+"""``python -m backend``: start the backend with gunicorn (the same as ``make run``)."""
+
+import os
+import sys
+from pathlib import Path
+
+root = Path(__file__).resolve().parents[1]
+os.chdir(root)
+conf = str(root / "backend" / "gunicorn.conf.py")
+os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", conf, "backend.wsgi:app"])

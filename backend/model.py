@@ -1,0 +1,365 @@
+"""``StableSamBackend``: the label-studio-ml style model (``predict(tasks, context)``, ``fit``).
+
+One instance per process, shared by all request threads. The Stable-SAM model loads lazily on the
+first ``predict`` (never in /setup or /health); ``model_version`` is known before that from the
+checkpoint files alone, and is the same string the loaded model reports (``StableSam.version``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from label_studio_sdk.converter.brush import mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+from PIL import Image
+
+from stable_sam.build import build_from_settings, model_identity, resolve_sam_checkpoint
+from stable_sam.checkpoint import load_plugin
+from stable_sam.download import OFFICIAL_CHECKPOINTS, CheckpointError
+from stable_sam.model import StableSam
+from stable_sam.predictor import PromptError, StableSamPredictor
+
+from .errors import BadInput
+from .media import ImageLoader
+from .metrics import Metrics
+from .prompts import PROMPT_CONTROL_TAGS, PromptGroup, Region, group_prompts, parse_regions, result_regions
+from .settings import BackendSettings
+
+log = logging.getLogger(__name__)
+
+TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
+
+
+class NotImplementedYet(RuntimeError):
+    """``fit`` before the plugin-adaptation issue lands."""
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    interface: LabelInterface
+    controls: Dict[str, Any]  # name -> control tag
+    brush_by_image: Dict[str, Any]  # Image tag name -> its first BrushLabels control
+    image_keys: Dict[str, str]  # Image tag name -> task data key
+
+
+@functools.lru_cache(maxsize=32)
+def parse_label_config(config: str) -> ParsedConfig:
+    """Parse a label config once (cached by its text); 4xx when it cannot serve brush masks."""
+    if not isinstance(config, str) or not config.strip():
+        raise BadInput("no label config: send 'label_config' with /predict or connect through /setup first")
+    try:
+        li = LabelInterface(config)
+    except Exception as e:  # the SDK raises many types for a broken XML
+        raise BadInput(f"label config cannot be parsed: {str(e)[:300]}") from None
+    controls = {c.name: c for c in (li.controls or [])}
+    images = {obj.name: obj for obj in (li.objects or []) if obj.tag == "Image"}
+    brush: Dict[str, Any] = {}
+    for c in controls.values():
+        if c.tag == "BrushLabels":
+            for to in c.to_name:
+                if to in images:
+                    brush.setdefault(to, c)
+    if not brush:
+        raise BadInput("the label config has no <BrushLabels> control on an <Image>: Stable-SAM answers "
+                       "with brush masks; use label_config/recommended.xml")
+    keys = {name: obj.value_name for name, obj in images.items() if obj.value_name}
+    return ParsedConfig(li, controls, brush, keys)
+
+
+def _output_label(group: PromptGroup, brush) -> str:
+    labels = list(brush.labels or [])
+    if group.label is not None and group.label in labels:
+        return group.label
+    if group.label is not None:
+        folded = {v.casefold(): v for v in labels}
+        if group.label.casefold() in folded:
+            return folded[group.label.casefold()]
+    if len(labels) == 1:
+        return labels[0]
+    if group.label is None:
+        raise BadInput(f"the prompt ({', '.join(group.source_ids)}) has no label and brush control "
+                       f"'{brush.name}' has several ({labels}): use labelled keypoints / rectangles")
+    raise BadInput(f"label {group.label!r} of {group.source_from_name} is not a label of brush control "
+                   f"'{brush.name}' ({labels}): give both controls the same labels")
+
+
+class StableSamBackend:
+    """The backend's model object: ``setup``, ``predict(tasks, context)`` and ``fit(event, data)``."""
+
+    def __init__(self, settings: Optional[BackendSettings] = None, model: Optional[StableSam] = None,
+                 model_factory: Optional[Callable[[], StableSam]] = None) -> None:
+        self.settings = settings or BackendSettings.from_env()
+        self.metrics = Metrics()
+        self.images = ImageLoader(self.settings)
+        self._factory = model_factory or (lambda: build_from_settings(self.settings))
+        self._model: Optional[StableSam] = None
+        self._model_lock = threading.Lock()
+        self._load_error: Optional[str] = None
+        self._version: Optional[str] = None
+        self._version_error: Optional[str] = None
+        self._version_ready = threading.Event()
+        self._schemas: Dict[str, str] = {}
+        self._schemas_lock = threading.Lock()
+        if model is not None:
+            self._install(model)
+        else:
+            threading.Thread(target=self._compute_version, name="model-version", daemon=True).start()
+
+    # -- the model ---------------------------------------------------------------------------------
+    def describe_model(self) -> str:
+        s = self.settings
+        sam = str(s.sam_checkpoint) if s.sam_checkpoint else (
+            "checkpoints/sam_tiny.pt (the small SAM; set SAM_MODEL_TYPE/SAM_CHECKPOINT for a real SAM)"
+            if s.sam_model_type == "sam_tiny" else f"the official {s.sam_model_type} weights in {s.model_dir}")
+        plugin = str(s.plugin_checkpoint) if s.plugin_checkpoint else "none (untrained no-op plugin: plain SAM masks)"
+        return f"SAM {s.sam_model_type} from {sam}; plugin {plugin}; device {s.device}"
+
+    def _compute_version(self) -> None:
+        """model_version from the files only: ``<type>-<sha prefix>+plugin-<version>``."""
+        s = self.settings
+        try:
+            try:
+                ckpt = resolve_sam_checkpoint(s.sam_model_type, s.sam_checkpoint, s.model_dir, download=False)
+                base = model_identity(s.sam_model_type, ckpt)
+            except CheckpointError:
+                if s.sam_checkpoint is None and s.sam_model_type in OFFICIAL_CHECKPOINTS:  # downloaded at load
+                    base = f"{s.sam_model_type}-{OFFICIAL_CHECKPOINTS[s.sam_model_type].sha256[:12]}"
+                else:
+                    raise
+            plugin = load_plugin(s.plugin_checkpoint, model_type=s.sam_model_type).version \
+                if s.plugin_checkpoint else "init"
+            self._version = f"{base}+plugin-{plugin}"
+        except Exception as e:  # reported by /setup and /health; predict reports the load error
+            self._version_error = f"{e.__class__.__name__}: {e}"
+            log.error("cannot determine the model version: %s", self._version_error)
+        finally:
+            self._version_ready.set()
+
+    def _install(self, model: StableSam) -> None:
+        sam = model.sam
+        self.metrics.instrument(sam.image_encoder, "encoder")
+        self.metrics.instrument(sam.mask_decoder, "decoder")
+        self._model = model
+        if self._version and self._version != model.version:
+            log.warning("model_version announced as %s, but the loaded model is %s", self._version, model.version)
+        self._version = model.version
+        self._version_ready.set()
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> StableSam:
+        """The Stable-SAM model, loaded on first use (once per process, whatever the threads)."""
+        if self._model is not None:
+            return self._model
+        with self._model_lock:
+            if self._model is None:
+                if self.settings.torch_threads:
+                    torch.set_num_threads(self.settings.torch_threads)
+                log.info("loading model: %s", self.describe_model())
+                t = time.perf_counter()
+                try:
+                    model = self._factory()
+                except Exception as e:
+                    self._load_error = f"{e.__class__.__name__}: {e}"
+                    log.exception("model load failed: %s", self._load_error)
+                    raise BadInput(f"model unavailable: {self._load_error}", status=503) from None
+                self._install(model)
+                log.info("model loaded in %.1f s: serving %s on %s", time.perf_counter() - t, model.version,
+                         model.device)
+        return self._model
+
+    def model_version(self, wait_s: float = 2.5) -> Optional[str]:
+        if self._model is not None:
+            return self._model.version
+        self._version_ready.wait(wait_s)
+        return self._version
+
+    @property
+    def version_error(self) -> Optional[str]:
+        return self._version_error
+
+    # -- label-studio-ml interface -----------------------------------------------------------------
+    def setup(self, project: Any, schema: Any) -> None:
+        """Remember the project's label config (used when /predict comes without one)."""
+        if isinstance(schema, str) and schema.strip():
+            parse_label_config(schema)  # 4xx now for a config that cannot work
+            if project is not None:
+                with self._schemas_lock:
+                    self._schemas[str(project)] = schema
+                    while len(self._schemas) > 256:
+                        self._schemas.pop(next(iter(self._schemas)))
+
+    def fit(self, event: str, data: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+        """Plugin adaptation from annotations: not implemented yet (it is the adaptation issue).
+
+        Raises ``NotImplementedYet``; the webhook route answers START_TRAINING with 422 and a
+        message (Label Studio shows the backend in error instead of pretending to train) and logs
+        and acknowledges annotation events."""
+        project = (data.get("project") or {}).get("id") if isinstance(data.get("project"), dict) else data.get("project")
+        raise NotImplementedYet(f"{event} for project {project}: training the Stable-SAM plugin from "
+                                f"annotations is not implemented yet; the backend serves "
+                                f"{self.model_version(0) or 'its configured plugin'} unchanged")
+
+    def predict(self, tasks: Sequence[Dict[str, Any]], context: Optional[Dict[str, Any]] = None,
+                label_config: Optional[str] = None, project: Any = None, **kwargs) -> List[Dict[str, Any]]:
+        """One prediction ``{"model_version", "score", "result"}`` per task.
+
+        With ``context`` (an interactive click), its ``result`` regions are the prompts and any
+        problem is a 4xx. Without (a batch), each task's own annotations / predictions give the
+        prompts; a task without any, or whose image fails, gets an empty result and a log line."""
+        if not isinstance(tasks, list) or not tasks:
+            raise BadInput("no tasks: 'tasks' must be a non-empty list")
+        for i, t in enumerate(tasks):
+            if not isinstance(t, dict) or not isinstance(t.get("data"), dict):
+                raise BadInput(f"tasks[{i}] must be an object with a 'data' object")
+        config = label_config or (self._schemas.get(str(project)) if project is not None else None)
+        cfg = parse_label_config(config or "")
+        interactive = bool(context)  # null or {}: a batch call
+        if interactive:
+            if not isinstance(context, dict) or "result" not in context:
+                raise BadInput("context must be an object with a 'result' list of keypoints / rectangles")
+            regions = parse_regions(context["result"])
+            if not regions:
+                raise BadInput("context.result has no keypoint or rectangle to prompt with")
+        model = self.model
+        out = []
+        for task in tasks:
+            tid = task.get("id")
+            if interactive:
+                out.append(self._predict_task(model, cfg, task, regions))
+                continue
+            results, source = result_regions(task)
+            if not results:
+                log.info("task %s: empty prediction: %s", tid, source)
+                self.metrics.count("batch_tasks_skipped_total")
+                out.append(self._empty(model))
+                continue
+            try:
+                out.append(self._predict_task(model, cfg, task, parse_regions(results, source)))
+                log.info("task %s: prompts from %s", tid, source)
+            except BadInput as e:
+                log.warning("task %s: empty prediction: %s (prompts from %s)", tid, e.message, source)
+                self.metrics.count("batch_tasks_failed_total")
+                out.append(self._empty(model))
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------
+    @staticmethod
+    def _empty(model: StableSam) -> Dict[str, Any]:
+        return {"model_version": model.version, "score": 0.0, "result": []}
+
+    def _check_regions(self, cfg: ParsedConfig, regions: Sequence[Region]) -> None:
+        for r in regions:
+            control = cfg.controls.get(r.from_name)
+            if control is None:
+                raise BadInput(f"unknown from_name {r.from_name!r} (region {r.id}): the label config's controls "
+                               f"are {sorted(cfg.controls)}")
+            if control.tag not in PROMPT_CONTROL_TAGS:
+                raise BadInput(f"from_name {r.from_name!r} (region {r.id}) is a <{control.tag}>, not a keypoint "
+                               f"or rectangle control")
+            if r.to_name not in control.to_name:
+                raise BadInput(f"to_name {r.to_name!r} (region {r.id}) is not an object of control "
+                               f"{r.from_name!r} (it labels {control.to_name})")
+            if r.to_name not in cfg.brush_by_image:
+                raise BadInput(f"no <BrushLabels> control in the label config is paired with image {r.to_name!r}")
+
+    def _embed(self, model: StableSam, image: np.ndarray) -> Dict[str, Any]:
+        return {"embedding": model.embed(image), "model_id": model.model_id}
+
+    def _predict_task(self, model: StableSam, cfg: ParsedConfig, task: Dict[str, Any],
+                      regions: Sequence[Region]) -> Dict[str, Any]:
+        self._check_regions(cfg, regions)
+        by_image: Dict[str, List[Region]] = {}
+        for r in regions:
+            by_image.setdefault(r.to_name, []).append(r)
+        results: List[Dict[str, Any]] = []
+        for to_name, regs in by_image.items():
+            key = cfg.image_keys.get(to_name)
+            url = task["data"].get(key) if key else None
+            if url is None:
+                raise BadInput(f"task {task.get('id')} has no data.{key} for image {to_name!r}")
+            image, extra = self.images.load(url, task.get("id"), on_loaded=lambda im: self._embed(model, im))
+            emb = extra.get("embedding") if extra.get("model_id") == model.model_id else None
+            if emb is None:
+                emb = model.embed(image)
+            h, w = image.shape[:2]
+            groups, notes = group_prompts(regs, w, h)
+            for note in notes:
+                log.info("task %s: %s", task.get("id"), note)
+            out_w = next((r.original_width for r in regs if r.original_width), w)
+            out_h = next((r.original_height for r in regs if r.original_height), h)
+            if (out_w, out_h) != (w, h):
+                log.warning("task %s: Label Studio sees image %r as %d x %d, the file decodes to %d x %d: "
+                            "masks resized", task.get("id"), to_name, out_w, out_h, w, h)
+            brush = cfg.brush_by_image[to_name]
+            labels = [_output_label(g, brush) for g in groups]
+            for g, label, pred in zip(groups, labels, self._decode(model, emb, groups, w, h)):
+                results.append(self._brush_result(g, label, brush.name, to_name, pred, (w, h), (out_w, out_h)))
+        score = float(np.mean([r["score"] for r in results])) if results else 0.0
+        return {"model_version": model.version, "score": round(score, 4), "result": results}
+
+    def _decode(self, model: StableSam, emb, groups: List[PromptGroup], w: int, h: int):
+        """Predict every group, batching groups of the same shape (boxes with K points) in one call."""
+        predictor = StableSamPredictor(model)
+        predictor.set_embedding(emb)
+        buckets: Dict[Tuple[bool, int], List[int]] = {}
+        for i, g in enumerate(groups):
+            buckets.setdefault((g.box is not None, len(g.points)), []).append(i)
+        preds: List[Optional[Dict[str, Any]]] = [None] * len(groups)
+        for (has_box, k), idx in buckets.items():
+            boxes = points = labels = None
+            if has_box:
+                boxes = np.array([[min(max(groups[i].box[0], 0), w), min(max(groups[i].box[1], 0), h),
+                                   min(max(groups[i].box[2], 0), w), min(max(groups[i].box[3], 0), h)]
+                                  for i in idx], dtype=np.float64)
+            if k:
+                points = np.array([groups[i].points for i in idx], dtype=np.float64)
+                labels = np.array([groups[i].point_labels for i in idx], dtype=np.float64)
+                if not has_box:
+                    points, labels = points[0], labels[0]
+            try:
+                out = predictor.predict(point_coords=points, point_labels=labels, box=boxes)
+            except PromptError as e:
+                raise BadInput(f"prompt rejected: {e}") from None
+            for j, i in enumerate(idx):
+                preds[i] = {"mask": out.masks[j], "score": float(out.scores[j]),
+                            "stability": float(out.stability[j]),
+                            "alpha": out.alpha[j].tolist() if out.alpha is not None else None}
+        self.metrics.count("masks_total", len(groups))
+        return preds
+
+    @staticmethod
+    def _brush_result(g: PromptGroup, label: str, from_name: str, to_name: str, pred: Dict[str, Any],
+                      size: Tuple[int, int], out_size: Tuple[int, int]) -> Dict[str, Any]:
+        mask = pred["mask"]
+        if out_size != size:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(out_size, Image.NEAREST)) > 127
+        rle = mask2rle(mask.astype(np.uint8) * 255)
+        score, stability, alpha = pred["score"], pred["stability"], pred["alpha"]
+        info = {"predicted_iou": round(score, 4), "stability": round(stability, 4), "prompt": g.describe(),
+                "prompt_ids": list(g.source_ids), "area_px": int(mask.sum())}
+        text = f"Stable-SAM: predicted IoU {score:.2f}, stability {stability:.2f}"
+        if alpha is not None:
+            info.update(alpha_deformed=round(alpha[0], 4), alpha_regular=round(alpha[1], 4))
+            text += f", DRP routing deformed {alpha[0]:.2f} / regular {alpha[1]:.2f}"
+        text += f" ({g.describe()})"
+        return {
+            "id": f"{g.source_ids[0]}_sam"[:64],
+            "from_name": from_name, "to_name": to_name, "type": "brushlabels",
+            "original_width": out_size[0], "original_height": out_size[1], "image_rotation": 0,
+            "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
+            "score": round(score, 4),
+            "readonly": False,
+            "meta": {"text": [text]},
+            "stable_sam": info,
+        }

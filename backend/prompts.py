@@ -1,0 +1,228 @@
+"""Label Studio regions -> SAM prompts.
+
+Label Studio sends smart keypoints and rectangles as results in percent (0-100) of the image's
+``original_width`` x ``original_height``. Here they are validated, converted to pixels of the image
+the model sees, and grouped into prompts, one mask each:
+
+- every rectangle is its own prompt (a rotated one by its axis-aligned bounding box);
+- a keypoint inside a rectangle refines that rectangle (the smallest one holding it);
+- keypoints outside every rectangle together make one more prompt, when one of them is positive.
+
+A keypoint is positive unless ``is_positive`` is false (smart regions, Alt-click) or
+``value.positive`` is false (newer frontends).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .errors import BadInput
+
+KEYPOINT_TYPES = ("keypointlabels", "keypoint")
+RECTANGLE_TYPES = ("rectanglelabels", "rectangle")
+PROMPT_TYPES = KEYPOINT_TYPES + RECTANGLE_TYPES
+PROMPT_CONTROL_TAGS = ("KeyPointLabels", "KeyPoint", "RectangleLabels", "Rectangle")
+# Label Studio's frontend can report an edge a hair beyond 100 %; more than this is an error.
+PERCENT_TOLERANCE = 0.01
+
+
+@dataclass
+class Region:
+    """One keypoint or rectangle from Label Studio, coordinates still in percent."""
+
+    id: str
+    kind: str  # "keypoint" | "rectangle"
+    from_name: str
+    to_name: str
+    label: Optional[str]
+    positive: bool
+    x: float
+    y: float
+    width: float = 0.0
+    height: float = 0.0
+    rotation: float = 0.0
+    original_width: Optional[int] = None
+    original_height: Optional[int] = None
+
+    def box_percent(self) -> Tuple[float, float, float, float]:
+        """Axis-aligned x0, y0, x1, y1 in percent; rotation (degrees, about the top-left corner,
+        as Label Studio draws it) is replaced by the bounding box of the rotated corners."""
+        if not self.rotation:
+            return self.x, self.y, self.x + self.width, self.y + self.height
+        # Rotate in pixel space when the size is known: percent axes are not isotropic.
+        sx = (self.original_width or 100) / 100.0
+        sy = (self.original_height or 100) / 100.0
+        a = math.radians(self.rotation)
+        ca, sa = math.cos(a), math.sin(a)
+        w, h = self.width * sx, self.height * sy
+        xs, ys = [], []
+        for dx, dy in ((0, 0), (w, 0), (w, h), (0, h)):
+            xs.append(self.x + (dx * ca - dy * sa) / sx)
+            ys.append(self.y + (dx * sa + dy * ca) / sy)
+        x0, y0 = max(min(xs), 0.0), max(min(ys), 0.0)
+        x1, y1 = min(max(xs), 100.0), min(max(ys), 100.0)
+        return x0, y0, x1, y1
+
+
+@dataclass
+class PromptGroup:
+    """One mask to predict: an optional box and points, in pixels of a W x H image."""
+
+    to_name: str
+    box: Optional[Tuple[float, float, float, float]]
+    points: List[Tuple[float, float]] = field(default_factory=list)
+    point_labels: List[int] = field(default_factory=list)
+    label: Optional[str] = None
+    source_ids: List[str] = field(default_factory=list)
+    source_from_name: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.box is not None:
+            parts.append("box")
+        pos = sum(self.point_labels)
+        if pos:
+            parts.append(f"{pos} positive point{'s' if pos > 1 else ''}")
+        if len(self.point_labels) - pos:
+            parts.append(f"{len(self.point_labels) - pos} negative")
+        return " + ".join(parts) or "empty"
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or value is None:
+        raise BadInput(f"{what} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise BadInput(f"{what} is {value!r}: coordinates must be finite numbers in 0..100 (percent)")
+    return out
+
+
+def _percent(value: Any, what: str) -> float:
+    out = _number(value, what)
+    if out < -PERCENT_TOLERANCE or out > 100 + PERCENT_TOLERANCE:
+        raise BadInput(f"{what} = {out} is outside 0..100: Label Studio coordinates are percent of the image")
+    return min(max(out, 0.0), 100.0)
+
+
+def _size(value: Any, what: str) -> Optional[int]:
+    if value is None:
+        return None
+    out = _number(value, what)
+    if out < 1 or out != int(out):
+        raise BadInput(f"{what} = {value!r} must be a positive whole number of pixels")
+    return int(out)
+
+
+def parse_region(item: Any, index: int) -> Optional[Region]:
+    """A result dict -> Region, or None when it is not a keypoint / rectangle (ignored)."""
+    if not isinstance(item, dict):
+        raise BadInput(f"context.result[{index}] must be an object, got {type(item).__name__}")
+    rtype = str(item.get("type", "")).lower()
+    if rtype not in PROMPT_TYPES:
+        return None
+    where = f"context.result[{index}] ({rtype} {item.get('id', '')!s})".replace(" )", ")")
+    value = item.get("value")
+    if not isinstance(value, dict):
+        raise BadInput(f"{where}: 'value' must be an object")
+    from_name, to_name = item.get("from_name"), item.get("to_name")
+    if not isinstance(from_name, str) or not from_name or not isinstance(to_name, str) or not to_name:
+        raise BadInput(f"{where}: 'from_name' and 'to_name' are required strings")
+    labels = value.get(rtype) if rtype.endswith("labels") else None
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(v, str) for v in labels)):
+        raise BadInput(f"{where}: value.{rtype} must be a list of label strings")
+    positive = not (item.get("is_positive") is False or value.get("positive") is False)
+    kind = "keypoint" if rtype in KEYPOINT_TYPES else "rectangle"
+    region = Region(
+        id=str(item.get("id") or f"r{index}"), kind=kind, from_name=from_name, to_name=to_name,
+        label=labels[0] if labels else None, positive=positive,
+        x=_percent(value.get("x"), f"{where}: x"), y=_percent(value.get("y"), f"{where}: y"),
+        original_width=_size(item.get("original_width"), f"{where}: original_width"),
+        original_height=_size(item.get("original_height"), f"{where}: original_height"),
+    )
+    if kind == "rectangle":
+        region.width = _number(value.get("width"), f"{where}: width")
+        region.height = _number(value.get("height"), f"{where}: height")
+        region.rotation = _number(value.get("rotation", 0) or 0, f"{where}: rotation")
+        if region.width <= 0 or region.height <= 0:
+            raise BadInput(f"{where}: zero-size rectangle (width {region.width}, height {region.height} percent)")
+        if region.rotation % 360 == 0:
+            region.rotation = 0.0
+            for what, edge in (("x + width", region.x + region.width), ("y + height", region.y + region.height)):
+                if edge > 100 + PERCENT_TOLERANCE:
+                    raise BadInput(f"{where}: {what} = {edge:g} is outside 0..100 (percent of the image)")
+        x0, y0, x1, y1 = region.box_percent()
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            raise BadInput(f"{where}: rectangle lies outside the image")
+    return region
+
+
+def parse_regions(results: Any, source: str = "context.result") -> List[Region]:
+    if not isinstance(results, list):
+        raise BadInput(f"{source} must be a list of regions, got {type(results).__name__}")
+    return [r for r in (parse_region(item, i) for i, item in enumerate(results)) if r is not None]
+
+
+def group_prompts(regions: Sequence[Region], width: int, height: int) -> Tuple[List[PromptGroup], List[str]]:
+    """Regions of one image -> (prompt groups in pixels of a ``width`` x ``height`` image, notes on
+    regions that give no mask). Groups come in rectangle order, then the free keypoints."""
+    sx, sy = width / 100.0, height / 100.0
+    groups: List[PromptGroup] = []
+    notes: List[str] = []
+    for r in regions:
+        if r.kind != "rectangle":
+            continue
+        x0, y0, x1, y1 = r.box_percent()
+        box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        if not r.positive:
+            notes.append(f"rectangle {r.id} is marked negative: ignored")
+            continue
+        groups.append(PromptGroup(r.to_name, box, label=r.label, source_ids=[r.id], source_from_name=r.from_name))
+    free: List[Region] = []
+    for r in regions:
+        if r.kind != "keypoint":
+            continue
+        px, py = r.x * sx, r.y * sy
+        holders = [g for g in groups if g.box[0] <= px <= g.box[2] and g.box[1] <= py <= g.box[3]]
+        if holders:
+            g = min(holders, key=lambda g: (g.box[2] - g.box[0]) * (g.box[3] - g.box[1]))
+            g.points.append((px, py))
+            g.point_labels.append(int(r.positive))
+            g.source_ids.append(r.id)
+        else:
+            free.append(r)
+    if free:
+        positives = [r for r in free if r.positive]
+        if positives:
+            groups.append(PromptGroup(
+                free[0].to_name, None, [(r.x * sx, r.y * sy) for r in free], [int(r.positive) for r in free],
+                label=next((r.label for r in reversed(positives) if r.label), None),
+                source_ids=[r.id for r in free], source_from_name=positives[-1].from_name))
+        else:
+            notes.append(f"{len(free)} negative keypoint(s) outside any rectangle and no positive one: "
+                         f"add a positive keypoint on the object")
+    return groups, notes
+
+
+def result_regions(task: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str]:
+    """For a batch call (no context): the prompt regions stored with the task, from its newest
+    non-cancelled annotation that has any, else its newest prediction that has any.
+    Returns (results, where they came from) or ([], reason)."""
+    def newest_first(items: Any) -> List[Dict[str, Any]]:
+        items = [i for i in (items or []) if isinstance(i, dict)]
+        return sorted(items, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""),
+                                            i.get("id") if isinstance(i.get("id"), int) else 0), reverse=True)
+
+    for kind in ("annotations", "predictions"):
+        for item in newest_first(task.get(kind)):
+            if item.get("was_cancelled"):
+                continue
+            result = item.get("result")
+            if isinstance(result, list) and any(isinstance(r, dict) and str(r.get("type", "")).lower()
+                                                in PROMPT_TYPES for r in result):
+                return result, f"{kind[:-1]} {item.get('id', '?')}"
+    return [], "the task has no keypoint or rectangle in its annotations or predictions"

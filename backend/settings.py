@@ -1,0 +1,132 @@
+"""Every environment variable the backend reads, in one place.
+
+``BackendSettings`` extends the model library's ``ModelSettings`` (MODEL_DIR, DEVICE,
+SAM_MODEL_TYPE, SAM_CHECKPOINT, PLUGIN_CHECKPOINT, EMBEDDING_CACHE_MB, EMBEDDING_DISK_CACHE) with
+the Label Studio, HTTP-server and input-limit settings below. Nothing else in ``backend/`` reads
+``os.environ``; gunicorn's config (``backend/gunicorn.conf.py``) reads these settings too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping, Optional
+
+from stable_sam.settings import ModelSettings
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value that cannot be used."""
+
+
+def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, default).strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _str(env, name)
+    if not raw:
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError as e:
+        raise SettingsError(f"{name}={raw!r} is not a number") from e
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _str(env, name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise SettingsError(f"{name}={raw!r} is not a number") from e
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _str(env, name).lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r}: expected 1/0, true/false, yes/no")
+
+
+@dataclass(frozen=True)
+class BackendSettings(ModelSettings):
+    # Label Studio: where relative /data/upload/... URLs and cloud URIs are resolved, and the key
+    # used to read them: a legacy token, or a personal access token (exchanged for a short-lived
+    # access token through /api/token/refresh/). /setup's access_token is never used (see README).
+    label_studio_url: str = ""  # LABEL_STUDIO_URL, e.g. http://label-studio:8080
+    label_studio_api_key: str = ""  # LABEL_STUDIO_API_KEY
+    # Basic auth on every route but /health; off unless both are set.
+    basic_auth_user: str = ""  # BASIC_AUTH_USER
+    basic_auth_pass: str = ""  # BASIC_AUTH_PASS
+    # Input limits: anything above is answered 413 with a message.
+    max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
+    max_image_mb: float = 64.0  # MAX_IMAGE_MB: bytes fetched for one image
+    max_request_mb: float = 32.0  # MAX_REQUEST_MB: /predict body (Label Studio sends ~1 MB at most)
+    fetch_timeout_s: float = 20.0  # FETCH_TIMEOUT_S: connect/read timeout for image downloads
+    # Decoded images by URL, so a repeated click skips download + decode + hashing (the embedding
+    # cache behind it is keyed by pixels, so a changed file at the same URL is re-encoded after TTL).
+    image_cache_items: int = 16  # IMAGE_CACHE_ITEMS (0: off)
+    image_cache_mb: float = 1024.0  # IMAGE_CACHE_MB: pixel budget of that cache
+    image_cache_ttl_s: float = 600.0  # IMAGE_CACHE_TTL_S
+    # Local files: absolute paths, file:// URLs and /data/local-files/?d= URLs are read from disk
+    # only under this root (Label Studio's own variable); unset: local paths are refused.
+    local_files_root: Optional[Path] = None  # LOCAL_FILES_DOCUMENT_ROOT
+    # Serving.
+    preload_model: bool = False  # PRELOAD_MODEL=1: start loading the model when a worker starts
+    host: str = "0.0.0.0"  # HOST
+    port: int = 9090  # PORT
+    workers: int = 1  # WORKERS: gunicorn processes (each holds its own model)
+    threads: int = 8  # THREADS: gunicorn threads per worker
+    torch_threads: int = 0  # TORCH_THREADS: torch intra-op threads per worker (0: torch default)
+    log_level: str = "INFO"  # LOG_LEVEL
+
+    @classmethod
+    def from_env(cls) -> "BackendSettings":
+        env = os.environ
+        base = ModelSettings.from_env()
+        root = _str(env, "LOCAL_FILES_DOCUMENT_ROOT")
+        url = _str(env, "LABEL_STUDIO_URL").rstrip("/")
+        if url and not url.startswith(("http://", "https://")):
+            raise SettingsError(f"LABEL_STUDIO_URL={url!r} must start with http:// or https://")
+        user, password = _str(env, "BASIC_AUTH_USER"), env.get("BASIC_AUTH_PASS", "")
+        if bool(user) != bool(password):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        return cls(
+            **{f.name: getattr(base, f.name) for f in fields(ModelSettings)},
+            label_studio_url=url,
+            label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY"),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
+            max_image_mb=_float(env, "MAX_IMAGE_MB", cls.max_image_mb, 0.001),
+            max_request_mb=_float(env, "MAX_REQUEST_MB", cls.max_request_mb, 0.001),
+            fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", cls.fetch_timeout_s, 0.1),
+            image_cache_items=_int(env, "IMAGE_CACHE_ITEMS", cls.image_cache_items, 0),
+            image_cache_mb=_float(env, "IMAGE_CACHE_MB", cls.image_cache_mb, 0.0),
+            image_cache_ttl_s=_float(env, "IMAGE_CACHE_TTL_S", cls.image_cache_ttl_s, 0.0),
+            local_files_root=Path(root).expanduser().resolve() if root else None,
+            preload_model=_bool(env, "PRELOAD_MODEL", cls.preload_model),
+            host=_str(env, "HOST") or cls.host,
+            port=_int(env, "PORT", cls.port, 1),
+            workers=_int(env, "WORKERS", cls.workers, 1),
+            threads=_int(env, "THREADS", cls.threads, 1),
+            torch_threads=_int(env, "TORCH_THREADS", cls.torch_threads, 0),
+            log_level=(_str(env, "LOG_LEVEL") or cls.log_level).upper(),
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)

@@ -1,0 +1,139 @@
+"""Benchmark: a click session through the real Flask app against the bare predictor.
+
+Several images, several clicks each, sent as Label Studio sends them (the region list grows with
+every click: keypoints, a negative one, then a rough rectangle). For every click after an image's
+first (the embedding is cached: decoder only), the same prompt is also timed on a bare
+``StableSamPredictor`` whose image is already set, side by side in the same loop.
+
+    python scripts/bench_backend.py [--images 6] [--clicks 5] [--repeats 3] [--size 640x480] [--json]
+
+Last line with --json: {"cached_click_ms", "predictor_ms", "ratio", "encoder_calls", "images"}
+(medians; ratio = cached_click_ms / predictor_ms, target <= 1.3; encoder_calls target: one per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from backend.app import create_app  # noqa: E402
+from backend.model import StableSamBackend  # noqa: E402
+from backend.prompts import group_prompts, parse_regions  # noqa: E402
+from backend.settings import BackendSettings  # noqa: E402
+from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, keypoint, loosen, rectangle  # noqa: E402
+from stable_sam.build import build_from_settings  # noqa: E402
+from stable_sam.predictor import StableSamPredictor  # noqa: E402
+
+
+def click_session(scene, clicks: int):
+    """The growing region lists of one annotator session on one image."""
+    size = scene.size
+    m0, m1 = scene.masks
+    ys, xs = np.nonzero(m0)
+    rng = np.random.default_rng(0)
+    steps = [keypoint(*centroid(m0), size, rid="k0")]
+    k = 1
+    while len(steps) < clicks:
+        if len(steps) == 2:
+            steps.append(keypoint(*centroid(m1), size, positive=False, rid=f"k{k}"))  # Alt-click: not that one
+        elif len(steps) == 3:
+            steps.append(rectangle(loosen(scene.boxes[0], size), size, rid="r0"))
+        else:
+            i = rng.integers(len(xs))
+            steps.append(keypoint(xs[i] + 0.5, ys[i] + 0.5, size, rid=f"k{k}"))
+        k += 1
+    return [steps[: i + 1] for i in range(clicks)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--clicks", type=int, default=5, help="clicks per image (the first one encodes)")
+    ap.add_argument("--repeats", type=int, default=3, help="times each cached click is sent (and timed bare)")
+    ap.add_argument("--size", default="640x480", help="image W x H")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-backend-"))
+    scenes = [drawn_scene(100 + i, width, height) for i in range(args.images)]
+    for i, sc in enumerate(scenes):
+        Image.fromarray(sc.image).save(tmp / f"img{i}.png")
+    settings = BackendSettings.from_env()
+    settings = BackendSettings(**{**settings.__dict__, "local_files_root": tmp.resolve()})
+    model = build_from_settings(settings)
+    print(f"model {model.version} on {model.device}; {args.images} images {width}x{height}, {args.clicks} clicks each")
+    backend = StableSamBackend(settings, model=model)
+    client = create_app(backend=backend).test_client()
+    predictor = StableSamPredictor(model)
+
+    def post(i, regions):
+        payload = {"tasks": [{"id": i, "data": {"image": str(tmp / f"img{i}.png")}, "annotations": [],
+                              "predictions": []}],
+                   "project": "1.1", "label_config": RECOMMENDED_CONFIG,
+                   "params": {"login": None, "password": None, "context": {"result": regions}}}
+        t = time.perf_counter()
+        r = client.post("/predict", json=payload)
+        dt = time.perf_counter() - t
+        assert r.status_code == 200, r.get_json()
+        return dt
+
+    def bare(regions):
+        groups, _ = group_prompts(parse_regions(regions), width, height)
+        (g,) = groups
+        t = time.perf_counter()
+        if g.box is not None:
+            predictor.predict(point_coords=np.array([g.points]) if g.points else None,
+                              point_labels=np.array([g.point_labels]) if g.points else None, box=np.array([g.box]))
+        else:
+            predictor.predict(point_coords=np.array(g.points), point_labels=np.array(g.point_labels))
+        return time.perf_counter() - t
+
+    # warm-up on an image outside the session (first-call allocations, lazy inits)
+    warm = drawn_scene(99, width, height)
+    predictor.set_image(warm.image)
+    for regions in click_session(warm, 3):
+        bare(regions)
+    calls_before = model.encoder_calls
+    first, cached, direct = [], [], []
+    for i, sc in enumerate(scenes):
+        session = click_session(sc, args.clicks)
+        first.append(post(i, session[0]))
+        predictor.set_image(sc.image)  # cache hit: the backend already encoded it
+        for regions in session[1:]:
+            for n in range(args.repeats):
+                if n % 2:  # alternate the order, so neither side always runs right after the other
+                    cached.append(post(i, regions))
+                    direct.append(bare(regions))
+                else:
+                    direct.append(bare(regions))
+                    cached.append(post(i, regions))
+    encoder_calls = model.encoder_calls - calls_before
+    cached_ms = 1e3 * statistics.median(cached)
+    direct_ms = 1e3 * statistics.median(direct)
+    out = {"cached_click_ms": round(cached_ms, 2), "predictor_ms": round(direct_ms, 2),
+           "ratio": round(cached_ms / direct_ms, 3), "encoder_calls": encoder_calls, "images": args.images}
+    print(f"first click (encodes): median {1e3 * statistics.median(first):.1f} ms")
+    print(f"cached click through /predict: median {cached_ms:.1f} ms over {len(cached)} clicks")
+    print(f"bare predictor, same prompts:  median {direct_ms:.1f} ms")
+    print(f"ratio {out['ratio']} (target <= 1.3); encoder calls {encoder_calls} for {args.images} images")
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
