@@ -1,0 +1,157 @@
+"""The paper's benchmark: plain SAM and Stable-SAM on the same seeded prompts, side by side.
+
+    python scripts/benchmark.py                      # the README table: committed small SAM and
+                                                     # plugin, held-out synthetic scenes
+    python scripts/benchmark.py --json               # ... and one JSON object as the last line
+    python scripts/benchmark.py --model-type vit_l --checkpoint sam_vit_l_0b3195.pth \\
+        --plugin my_plugin.pt --dataset DIS5K/DIS-VD --device cuda      # real SAM, HQ data
+
+Prompt types: GT box, noisy box s=0.2 / 0.4, 1 point, 3 points; 20 seeded prompts per object and
+type; mIoU, mBIoU (band 0.02 of the diagonal), stability. ``--variant NAME=PLUGIN.pt`` adds rows
+(ablations). Writes a JSON file and a PNG of a few cases (image + prompt, SAM, Stable-SAM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from stable_sam.build import MODEL_TYPES, build  # noqa: E402
+from stable_sam.checkpoint import load_plugin  # noqa: E402
+from stable_sam.data.dataset import DatasetError, open_dataset  # noqa: E402
+from stable_sam.download import CheckpointError  # noqa: E402
+from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, ProtocolConfig, evaluate,  # noqa: E402
+                                   side_by_side_table, targets_report, variants_table)
+from stable_sam.figures import comparison_figure  # noqa: E402
+from stable_sam.modeling.plugin import count_trainable  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PLUGIN = ROOT / "checkpoints" / "plugin_sam_tiny_rts.pt"
+DEFAULT_HELDOUT_IMAGES = 40
+# Held-out scenes from 1000 on: the small SAM's pretraining monitored 0..47 of the held-out seed.
+DEFAULT_SYNTHETIC_START = 1000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="synthetic:heldout",
+                    help="synthetic:heldout | synthetic:train | a folder of images + mask PNGs | "
+                         "a COCO instances .json | a Label Studio JSON export")
+    ap.add_argument("--image-root", type=Path, default=None, help="where the images of a .json dataset are")
+    ap.add_argument("--masks-dir", type=Path, default=None, help="mask folder of a folder dataset")
+    ap.add_argument("--start", type=int, default=None,
+                    help=f"first image index (default {DEFAULT_SYNTHETIC_START} for synthetic, else 0)")
+    ap.add_argument("--images", type=int, default=None,
+                    help=f"number of images (default: all; {DEFAULT_HELDOUT_IMAGES} for synthetic)")
+    ap.add_argument("--model-type", default="sam_tiny", choices=MODEL_TYPES)
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="SAM weights (default: the committed small SAM, or the official file for vit_*)")
+    ap.add_argument("--model-dir", type=Path, default=None, help="where official SAM weights are kept")
+    ap.add_argument("--plugin", type=Path, default=DEFAULT_PLUGIN, help="Stable-SAM plugin checkpoint")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PLUGIN.pt",
+                    help="another plugin evaluated on the same prompts (a row of the ablation table)")
+    ap.add_argument("--prompts", type=int, default=20, help="random prompts per object and type")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--types", default=",".join(PROMPT_TYPES), help=f"comma-separated, from {ALL_TYPES}")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads; 1 by default: on a shared CPU, threads that contend are many "
+                         "times slower (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmark.json")
+    ap.add_argument("--figure", type=Path, default=ROOT / "runs" / "benchmark.png")
+    ap.add_argument("--cases", type=int, default=3, help="cases per figure prompt type")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        variants = dict(v.split("=", 1) for v in args.variant)
+    except ValueError:
+        print(f"error: --variant takes NAME=PLUGIN.pt, got {args.variant}", file=sys.stderr)
+        return 2
+    if not args.plugin.is_file() and args.plugin == DEFAULT_PLUGIN:
+        print(f"error: no plugin at {args.plugin}; train one with scripts/finetune.py "
+              f"or pass --plugin", file=sys.stderr)
+        return 2
+    try:
+        cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
+                             prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()),
+                             figure_cases=args.cases)
+        synthetic = args.dataset.startswith("synthetic:")
+        limit = args.images if args.images is not None else (DEFAULT_HELDOUT_IMAGES if synthetic else None)
+        start = args.start if args.start is not None else (DEFAULT_SYNTHETIC_START if synthetic else 0)
+        dataset = open_dataset(args.dataset, image_root=args.image_root, masks_dir=args.masks_dir,
+                               limit=limit, start=start)
+        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device,
+                      model_dir=args.model_dir)
+        main_plugin = load_plugin(args.plugin, model_type=args.model_type)
+        plugins = {"sam": None, "stable_sam": main_plugin.plugin}
+        versions = {"stable_sam": main_plugin.version}
+        for name, path in variants.items():
+            loaded = load_plugin(Path(path), model_type=args.model_type)
+            plugins[name], versions[name] = loaded.plugin, loaded.version
+    except (DatasetError, CheckpointError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"model {model.version} on {model.device}; dataset {dataset.description}; plugin "
+          f"{main_plugin.version} ({args.plugin})")
+    try:
+        result = evaluate(model, dataset, plugins, cfg, progress=not args.no_progress)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = result.summary()
+    params = count_trainable(main_plugin.plugin)
+    print(f"\n{result.images} images, {result.objects} objects, {cfg.prompts_per_object} prompts per object "
+          f"and type, {result.seconds:.0f} s\n")
+    print(side_by_side_table(summary))
+    if len(plugins) > 2:
+        labels = {"sam": "SAM (no plugin)", "stable_sam": "Stable-SAM (default)"}
+        print("\n" + variants_table(summary, labels))
+    targets = targets_report(summary, params)
+    print("\ntargets:")
+    for t in targets:
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} vs {t['reference']}")
+
+    report = {
+        "command": " ".join(["python", "scripts/benchmark.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "model": model.version, "model_type": args.model_type, "device": str(model.device),
+        "dataset": dataset.description, "images": result.images, "objects": result.objects,
+        "protocol": {"prompts_per_object": cfg.prompts_per_object, "seed": cfg.seed,
+                     "boundary_ratio": cfg.boundary_ratio, "prompt_types": list(cfg.prompt_types),
+                     "decoding": "single mask (point1_multimask: best of SAM's 3 by predicted IoU)"},
+        "plugins": {name: {"version": versions.get(name), "path": str(args.plugin if name == "stable_sam" else variants.get(name)),
+                           "config": p.config.to_dict()} for name, p in plugins.items() if p is not None},
+        "plugin_params": params, "results": summary, "targets": targets, "seconds": round(result.seconds, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {args.out}")
+    if result.cases:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        cases = sorted(result.cases, key=lambda c: cfg.figure_types.index(c.prompt_type))
+        comparison_figure(cases, [("sam", "SAM"), ("stable_sam", "Stable-SAM")]).save(args.figure)
+        print(f"figure written to {args.figure}")
+    if args.json:
+        print(json.dumps({"sam": {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
+                                   for t, r in summary["sam"].items()},
+                          "stable_sam": {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
+                                         for t, r in summary["stable_sam"].items()},
+                          "plugin_params": params}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

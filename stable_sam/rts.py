@@ -1,0 +1,321 @@
+"""RTS, the robust training strategy: one epoch that teaches the plugin to survive casual prompts.
+
+SAM stays frozen: its encoder and prompt encoder run under ``no_grad`` and every SAM weight has
+``requires_grad=False``, so gradients flow through the decoder only to reach the plugin (DSP +
+DRP), the one thing the optimiser holds. Each image is encoded once (through the model's
+embedding cache) and all of its objects are prompted from that embedding.
+
+Every object gets prompts of mixed quality: the tight GT box, a DN-DETR noisy box with a scale
+drawn from U(0, ``max_box_noise``), or 1..``max_points`` positive points (optionally one negative).
+All are decoded in single-mask mode and supervised with the whole-object mask, so an ambiguous
+click is taught to mean the object, not one of its parts. Loss: BCE + Dice on the low-res logits
+upsampled to SAM's input frame, padding excluded.
+
+A step batches the prompts of ``images_per_step`` images into one decoder call per prompt shape;
+prompts of different images share a call by adding each prompt's image embedding to its dense
+prompt embedding (the decoder only ever uses their sum).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import save_plugin
+from .data.dataset import Sample, SegmentationDataset
+from .losses import bce_dice_loss
+from .model import ImageEmbedding, StableSam
+from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable, route
+from .prompts import mask_to_box, negative_points, noisy_box, sample_points
+
+PROMPT_KINDS = ("gt_box", "noisy_box", "points")
+
+
+@dataclass
+class RTSConfig:
+    """Knobs of RTS; stored in the checkpoint's training summary."""
+
+    epochs: int = 1
+    images_per_step: int = 1
+    prompts_per_object: int = 3  # one encoder call, several prompts of mixed quality per object
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    mix: Tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # gt_box, noisy_box, points
+    max_box_noise: float = 0.5
+    max_points: int = 3
+    negative_prob: float = 0.0  # chance that a point prompt also gets one negative click
+    probe_images: int = 8  # first images of the set: loss before / after on fixed prompts
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.images_per_step < 1 or self.prompts_per_object < 1:
+            raise ValueError("epochs, images_per_step and prompts_per_object must be >= 1")
+        if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"mix must be 3 non-negative weights (gt_box, noisy_box, points), got {self.mix}")
+        if self.max_points < 1:
+            raise ValueError("max_points must be >= 1")
+
+
+@dataclass
+class TrainPrompt:
+    """One prompt on one object, in original-image pixels. box: 4 (XYXY) or None; points: K x 2
+    with labels K (1 positive, 0 negative) or None."""
+
+    slot: int  # which image of the step
+    obj: int
+    kind: str
+    box: Optional[np.ndarray]
+    points: Optional[np.ndarray]
+    labels: Optional[np.ndarray]
+
+    @property
+    def shape_key(self) -> Tuple[bool, int]:
+        """Prompts with equal keys go through one decoder call."""
+        return self.box is not None, 0 if self.points is None else len(self.points)
+
+
+def draw_prompt(mask: np.ndarray, cfg: RTSConfig, rng: np.random.Generator, slot: int = 0,
+                obj: int = 0) -> TrainPrompt:
+    """A prompt of random quality for one H x W bool mask."""
+    p = np.asarray(cfg.mix, dtype=np.float64)
+    kind = PROMPT_KINDS[int(rng.choice(3, p=p / p.sum()))]
+    if kind == "gt_box":
+        return TrainPrompt(slot, obj, kind, mask_to_box(mask), None, None)
+    if kind == "noisy_box":
+        return TrainPrompt(slot, obj, kind, noisy_box(mask, rng.uniform(0, cfg.max_box_noise), rng), None, None)
+    k = int(rng.integers(1, cfg.max_points + 1))
+    points, labels = sample_points(mask, k, rng), np.ones(k, np.int64)
+    if cfg.negative_prob > 0 and rng.random() < cfg.negative_prob and not mask.all():
+        points = np.concatenate([points, negative_points(mask, 1, rng)])
+        labels = np.concatenate([labels, np.zeros(1, np.int64)])
+    return TrainPrompt(slot, obj, kind, None, points, labels)
+
+
+def input_frame_target(model: StableSam, mask: np.ndarray, emb: ImageEmbedding) -> torch.Tensor:
+    """H x W bool mask -> S x S float in SAM's input frame (resized like the image, zero padding)."""
+    s = model.image_size
+    t = torch.as_tensor(mask, device=model.device, dtype=torch.float32)[None, None]
+    if tuple(mask.shape) != tuple(emb.input_size):
+        t = (F.interpolate(t, emb.input_size, mode="bilinear", align_corners=False) > 0.5).float()
+    return F.pad(t, (0, s - emb.input_size[1], 0, s - emb.input_size[0]))[0, 0]
+
+
+def decode_prompts(model: StableSam, embeddings: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                   boxes: Optional[torch.Tensor], plugin: Optional[StableSamPlugin]
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Single-mask decoding of B prompts, each on its own image embedding (B x C x h x w),
+    coordinates in the input frame. Returns low-res logits B x 1 x 4h x 4w and alpha B x 2."""
+    with torch.no_grad():
+        sparse, dense = model.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+        pe = model.sam.prompt_encoder.get_dense_pe()
+    # SAM's decoder repeats one image embedding per prompt and adds the dense prompt embedding;
+    # a zero image embedding plus (dense + own embedding) is the same sum, per prompt.
+    with route(plugin) as routing:
+        low, _ = model.sam.mask_decoder(
+            image_embeddings=torch.zeros_like(embeddings[:1]), image_pe=pe,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense + embeddings,
+            multimask_output=False)
+    return low, routing.alpha
+
+
+def prompts_loss(model: StableSam, plugin: Optional[StableSamPlugin], embs: Sequence[ImageEmbedding],
+                 targets: Sequence[torch.Tensor], prompts: Sequence[TrainPrompt]) -> torch.Tensor:
+    """Mean BCE + Dice over ``prompts``; targets[slot] is n_objects x S x S in the input frame."""
+    s = model.image_size
+    dev = model.device
+    total = torch.zeros((), device=dev)
+    groups: Dict[Tuple[bool, int], List[TrainPrompt]] = {}
+    for p in prompts:
+        groups.setdefault(p.shape_key, []).append(p)
+    for (has_box, k), group in sorted(groups.items()):
+        emb = torch.cat([embs[p.slot].embedding for p in group]).float()
+        boxes = points = None
+        if has_box:
+            boxes = torch.as_tensor(np.stack([model.transform.apply_boxes(p.box[None], embs[p.slot].original_size)[0]
+                                              for p in group]), dtype=torch.float32, device=dev)
+        if k:
+            coords = np.stack([model.transform.apply_coords(p.points, embs[p.slot].original_size) for p in group])
+            points = (torch.as_tensor(coords, dtype=torch.float32, device=dev),
+                      torch.as_tensor(np.stack([p.labels for p in group]), dtype=torch.int64, device=dev))
+        low, _ = decode_prompts(model, emb, points, boxes, plugin)
+        up = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
+        target = torch.stack([targets[p.slot][p.obj] for p in group])[:, None]
+        valid = torch.zeros(len(group), 1, s, s, device=dev)
+        for i, p in enumerate(group):
+            h, w = embs[p.slot].input_size
+            valid[i, :, :h, :w] = 1
+        total = total + bce_dice_loss(up, target, valid).sum()
+    return total / max(1, len(prompts))
+
+
+@dataclass
+class _Step:
+    embs: List[ImageEmbedding]
+    targets: List[torch.Tensor]
+    prompts: List[TrainPrompt]
+
+
+def _prepare(model: StableSam, samples: Sequence[Sample], cfg: RTSConfig, rng: np.random.Generator) -> _Step:
+    """Embed the images (cached), build input-frame targets and draw every object's prompts."""
+    embs, targets, prompts = [], [], []
+    for slot, sample in enumerate(samples):
+        emb = model.embed(sample.image)
+        embs.append(emb)
+        targets.append(torch.stack([input_frame_target(model, m, emb) for m in sample.masks]))
+        for obj, mask in enumerate(sample.masks):
+            prompts += [draw_prompt(mask, cfg, rng, slot, obj) for _ in range(cfg.prompts_per_object)]
+    return _Step(embs, targets, prompts)
+
+
+def _lr_factor(step: int, total: int, cfg: RTSConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _usable(dataset: SegmentationDataset) -> Callable[[int], Optional[Sample]]:
+    def get(i: int) -> Optional[Sample]:
+        s = dataset[int(i)]
+        return s if s.masks else None
+    return get
+
+
+def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig = RTSConfig(),
+                 plugin: Optional[StableSamPlugin] = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> Tuple[StableSamPlugin, Dict[str, Any]]:
+    """Train a plugin (a fresh one of ``PluginConfig()`` by default) with RTS; SAM is untouched.
+
+    Returns the trained plugin (eval mode) and a summary: data size, epochs, steps, loss curve,
+    the loss on fixed probe prompts before and after, prompt kinds seen, time.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    plugin = (plugin or StableSamPlugin()).to(model.device)
+    params = [p for p in plugin.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(dataset)
+    steps_per_epoch = math.ceil(n / cfg.images_per_step)
+    total_steps = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, cfg))
+    get = _usable(dataset)
+
+    probe_samples = [s for s in (get(i) for i in range(min(cfg.probe_images, n))) if s is not None]
+    probe = _prepare(model, probe_samples, cfg, np.random.default_rng([cfg.seed, 1])) if probe_samples else None
+
+    def probe_loss() -> Optional[float]:
+        if probe is None:
+            return None
+        plugin.eval()
+        with torch.no_grad():
+            value = float(prompts_loss(model, plugin, probe.embs, probe.targets, probe.prompts))
+        plugin.train()
+        return value
+
+    start = time.time()
+    encoder_calls0 = model.encoder_calls
+    before = probe_loss()
+    curve: List[Dict[str, float]] = []
+    kinds: Counter = Counter()
+    images_used = objects_used = 0
+    plugin.train()
+    bar = tqdm(total=total_steps, desc="RTS", unit="step", disable=not progress, dynamic_ncols=True)
+    running = None
+    step = 0
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(n)
+        for s0 in range(0, n, cfg.images_per_step):
+            samples = [s for s in (get(i) for i in order[s0:s0 + cfg.images_per_step]) if s is not None]
+            if samples:
+                batch = _prepare(model, samples, cfg, rng)
+                loss = prompts_loss(model, plugin, batch.embs, batch.targets, batch.prompts)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                value = float(loss.detach())
+                running = value if running is None else 0.95 * running + 0.05 * value
+                kinds.update(p.kind for p in batch.prompts)
+                if epoch == 0:
+                    images_used += len(samples)
+                    objects_used += sum(len(s.masks) for s in samples)
+                curve.append({"step": step + 1, "epoch": epoch + 1, "loss": round(value, 5)})
+                bar.set_postfix(loss=f"{running:.4f}")
+            sched.step()
+            bar.update(1)
+            step += 1
+    bar.close()
+    after = probe_loss()
+    plugin.eval()
+    minutes = (time.time() - start) / 60
+    summary = {
+        "method": "RTS",
+        "rts_config": asdict(cfg),
+        "plugin_config": plugin.config.to_dict(),
+        "trainable_params": count_trainable(plugin),
+        "dataset": getattr(dataset, "description", type(dataset).__name__),
+        "images": images_used,
+        "objects": objects_used,
+        "prompts": sum(kinds.values()),
+        "prompt_kinds": dict(kinds),
+        "epochs": cfg.epochs,
+        "steps": total_steps,
+        "loss_curve": _downsample(curve, 200),
+        "probe_loss_before": before,
+        "probe_loss_after": after,
+        "encoder_calls": model.encoder_calls - encoder_calls0,
+        "minutes": round(minutes, 3),
+        "device": str(model.device),
+    }
+    log(f"RTS: {images_used} images, {objects_used} objects, {summary['prompts']} prompts, {total_steps} steps "
+        f"in {minutes:.1f} min; probe loss {before if before is None else round(before, 4)} -> "
+        f"{after if after is None else round(after, 4)}")
+    return plugin, summary
+
+
+def _downsample(curve: List[Dict[str, float]], max_points: int) -> List[Dict[str, float]]:
+    """Mean loss over equal windows, at most ``max_points`` entries."""
+    if len(curve) <= max_points:
+        return curve
+    size = math.ceil(len(curve) / max_points)
+    return [{"step": w[-1]["step"], "epoch": w[-1]["epoch"],
+             "loss": round(float(np.mean([c["loss"] for c in w])), 5)}
+            for w in (curve[i:i + size] for i in range(0, len(curve), size))]
+
+
+def plugin_version(plugin: StableSamPlugin) -> str:
+    """``rts-<UTC time>-<weights hash>``: unique per trained plugin, sortable by time."""
+    h = hashlib.sha256()
+    for k, v in sorted(plugin.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return f"rts-{datetime.now(timezone.utc).strftime('%Y%m%d%H%M%S')}-{h.hexdigest()[:8]}"
+
+
+def finetune(model: StableSam, dataset: SegmentationDataset, out_path: Path, cfg: RTSConfig = RTSConfig(),
+             plugin_config: Optional[PluginConfig] = None, version: Optional[str] = None,
+             progress: bool = True, extra_summary: Optional[Dict[str, Any]] = None,
+             log: Callable[[str], None] = print) -> Tuple[StableSamPlugin, str, Dict[str, Any]]:
+    """Train with RTS and write the versioned plugin checkpoint atomically (nothing is written if
+    training fails). Returns the plugin, its version and the training summary."""
+    plugin, summary = train_plugin(model, dataset, cfg, StableSamPlugin(plugin_config or PluginConfig()),
+                                   progress=progress, log=log)
+    summary.update(extra_summary or {})
+    version = version or plugin_version(plugin)
+    save_plugin(plugin, out_path, version, {"model_type": model.model_type, "model_id": model.model_id}, summary)
+    log(f"plugin {version} written to {out_path}")
+    return plugin, version, summary
