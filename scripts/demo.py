@@ -13,9 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from stable_sam.build import build_from_settings  # noqa: E402
+from stable_sam.data.dataset import load_image  # noqa: E402
 from stable_sam.modeling.plugin import count_trainable  # noqa: E402
 from stable_sam.predictor import StableSamPredictor  # noqa: E402
 
@@ -43,7 +44,7 @@ def main() -> None:
 
     model = build_from_settings()
     print(f"model: {model.version} on {model.device}; plugin: {count_trainable(model.plugin):,} trainable parameters")
-    image = np.asarray(ImageOps.exif_transpose(Image.open(args.image)).convert("RGB"))
+    image = load_image(args.image)
     predictor = StableSamPredictor(model)
     predictor.set_image(image)
 
