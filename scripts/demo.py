@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from stable_sam.build import build_from_settings  # noqa: E402
 from stable_sam.data.dataset import load_image  # noqa: E402
+from stable_sam.metrics import mask_iou  # noqa: E402
 from stable_sam.modeling.plugin import count_trainable  # noqa: E402
 from stable_sam.predictor import StableSamPredictor  # noqa: E402
 
@@ -62,7 +63,7 @@ def main() -> None:
         row = {"object": i, "area": int(m.sum()), "predicted_iou": round(float(s), 3),
                "alpha_deformed": round(float(a[0]), 3)}
         if gts:
-            row["iou"] = round(float((m & gts[i]).sum() / max((m | gts[i]).sum(), 1)), 3)
+            row["iou"] = round(float(mask_iou(m, gts[i])), 3)
         rows.append(row)
         print("  ".join(f"{k} {v}" for k, v in row.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw, ImageFilter
 
+from stable_sam.metrics import mask_iou
+
 ROOT = Path(__file__).resolve().parents[1]
 RECOMMENDED_CONFIG = (ROOT / "label_config" / "recommended.xml").read_text()
 MULTICLASS_CONFIG = (ROOT / "label_config" / "multiclass.xml").read_text()
@@ -116,4 +118,4 @@ def result_mask(result: dict) -> np.ndarray:
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+    return float(mask_iou(a, b))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from stable_sam.metrics import mask_iou
 from stable_sam.predictor import PromptError, StableSamPredictor
 from stable_sam.prompts import mask_to_box, sample_points
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+    return float(mask_iou(a, b))
 
 
 def _big_objects(scenes, n_scenes=12, min_area=1500):
