@@ -23,6 +23,7 @@ import torch
 from segment_anything.utils.amg import calculate_stability_score
 
 from .model import ImageEmbedding, StableSam
+from .modeling.plugin import StableSamPlugin
 
 
 class PromptError(ValueError):
@@ -52,11 +53,16 @@ def _as_float_array(value, name: str) -> np.ndarray:
 
 
 class StableSamPredictor:
-    """Shaped like ``segment_anything.SamPredictor``; ``use_plugin=False`` gives plain SAM."""
+    """Shaped like ``segment_anything.SamPredictor``; ``use_plugin=False`` gives plain SAM.
 
-    def __init__(self, model: StableSam, max_batch: int = 64) -> None:
+    ``plugin``: the plugin this predictor runs instead of the model's own (e.g. one project's
+    adapted version); the shared model is not touched, so predictors of different plugins can run
+    side by side in threads."""
+
+    def __init__(self, model: StableSam, max_batch: int = 64, plugin: Optional[StableSamPlugin] = None) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.plugin = plugin
         self.image: Optional[ImageEmbedding] = None
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> ImageEmbedding:
@@ -164,7 +170,7 @@ class StableSamPredictor:
                                  dtype=torch.float32, device=dev)
         if masks is not None:
             mk = torch.as_tensor(masks[sl], dtype=torch.float32, device=dev)
-        plugin = model.plugin if use_plugin else None
+        plugin = (self.plugin or model.plugin) if use_plugin else None
         low, iou, alpha = model.decode(image.embedding, pt, bx, mk, multimask, plugin)
         best = iou.argmax(dim=1)
         rows = torch.arange(len(best), device=dev)

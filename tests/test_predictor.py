@@ -164,3 +164,23 @@ def test_bad_images_and_missing_image(tiny_model):
         fresh.set_image(np.zeros((10, 10), np.uint8))
     with pytest.raises(PromptError, match="uint8"):
         fresh.set_image(np.zeros((10, 10, 3), np.float32))
+
+
+def test_predictor_plugin_override_leaves_the_model_alone(tiny_model, heldout):
+    """A predictor given its own plugin runs it; the shared model's plugin is untouched."""
+    import torch
+    from stable_sam.modeling.plugin import StableSamPlugin
+
+    scene = heldout[5]
+    other = StableSamPlugin().to(tiny_model.device)
+    with torch.no_grad():
+        other.dsp.offset.bias.fill_(2.0)  # a deformation the model's plugin does not have
+    box = mask_to_box(scene.masks[0])
+    own = StableSamPredictor(tiny_model)
+    own.set_image(scene.image)
+    over = StableSamPredictor(tiny_model, plugin=other)
+    over.set_image(scene.image)
+    a, b = own.predict(box=box), over.predict(box=box)
+    assert tiny_model.plugin is not other
+    assert not np.allclose(a.low_res_logits, b.low_res_logits)
+    assert np.allclose(own.predict(box=box).low_res_logits, a.low_res_logits)
