@@ -3,8 +3,12 @@
     GET  /health, GET /   {"status": "UP", "model_class": ..., ...}      (no auth; never loads)
     POST /setup            {"model_version": ...}                           (never loads the model)
     POST /predict          {"results": [{"model_version", "score", "result"}, ...]}
-    POST /webhook          annotation events / START_TRAINING
-    GET  /versions         {"versions": [...]}
+    POST /webhook          annotation events / START_TRAINING (starts a training job, answers at once)
+    POST /train            the same for Label Studio's older training call ({"project": "<id>.<ts>", ...})
+    GET  /versions         {"versions": [...], "current", "details", "jobs", ...}   (?project=<id>)
+    POST /versions/activate {"project": <id>, "version": ...}: a project back to one of its versions
+    GET  /train/status     a training job's status (?project=<id>, or /train/status/<job id>)
+    POST /train/cancel     stop a running job ({"project": <id>} or {"job_id": ...})
     GET  /metrics          Prometheus text (?format=json: JSON)
 
 Bad input is a 4xx ``{"error": message}``; anything unexpected a 500 ``{"error": ...}`` without a
@@ -24,7 +28,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .errors import BadInput
-from .model import TRAIN_EVENTS, NotImplementedYet, StableSamBackend
+from .model import TRAIN_EVENTS, StableSamBackend, project_id
 from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
@@ -114,7 +118,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
         return _error(f"internal error ({e.__class__.__name__}); see the backend log", 500)
 
     def _health():
-        version = backend.model_version(0)
+        version = backend.model_version(wait_s=0)
         body = {"status": "UP", "model_class": "StableSamBackend", "model_loaded": backend.model_loaded,
                 "model_version": version}
         if backend.version_error:
@@ -128,7 +132,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
     def setup():
         data = _json_body()
         backend.setup(data.get("project"), data.get("schema"))
-        version = backend.model_version(2.5)
+        version = backend.model_version(data.get("project"), 2.5)  # what this project's predictions carry
         if version is None:
             msg = backend.version_error or "the model version is still being computed; retry"
             return _error(f"model not available: {msg}", 503)
@@ -157,19 +161,57 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
         if action not in TRAIN_EVENTS:
             return jsonify({"status": "Unknown event", "action": action}), 200
         metrics.count("webhook_events_total", action=action)
-        try:
-            result = backend.fit(action, data)
-        except NotImplementedYet as e:
-            log.info("webhook %s: %s", action, e)
-            if action == "START_TRAINING":
-                return _error(str(e), 422)
-            return jsonify({"status": "ignored", "reason": str(e)}), 200
-        return jsonify(result or {}), 201
+        result = backend.fit(action, data)
+        log.info("webhook %s: %s", action, {k: v for k, v in result.items() if k in ("status", "job_id", "project",
+                                                                                    "count", "reason")})
+        return jsonify(result), 201 if result.get("status") == "started" else 200
+
+    @app.post("/train")
+    def train():
+        data = _json_body()
+        if project_id(data.get("project")) is None:
+            raise BadInput("/train needs 'project' (the Label Studio project id)")
+        result = backend.fit("START_TRAINING", {"project": data["project"]})
+        return jsonify(result), 201 if result.get("status") == "started" else 200
+
+    def _project_arg(data: Optional[Dict[str, Any]] = None) -> Optional[int]:
+        raw = request.args.get("project")
+        if raw is None and data:
+            raw = data.get("project")
+        if raw is None:
+            return None
+        pid = project_id(raw)
+        if pid is None:
+            raise BadInput(f"project={raw!r} is not a Label Studio project id")
+        return pid
 
     @app.get("/versions")
     def versions():
-        version = backend.model_version(2.5)
-        return jsonify({"versions": [version] if version else []})
+        # Label Studio sends GET /versions with no query (its JSON body is dropped by GET)
+        return jsonify(backend.versions(_project_arg(request.get_json(silent=True))))
+
+    @app.post("/versions/activate")
+    def versions_activate():
+        data = _json_body()
+        return jsonify(backend.activate(data.get("project"), data.get("version")))
+
+    @app.get("/train/status")
+    @app.get("/train/status/<job_id>")
+    def train_status(job_id: Optional[str] = None):
+        project = _project_arg()
+        if job_id is None and project is None:
+            return jsonify({"jobs": backend.jobs.jobs()})
+        return jsonify(backend.jobs.status(job_id, project))
+
+    @app.post("/train/cancel")
+    def train_cancel():
+        data = request.get_json(silent=True) or {}
+        data = data if isinstance(data, dict) else {}
+        job_id = request.args.get("job_id") or data.get("job_id")
+        project = _project_arg(data)
+        if job_id is None and project is None:
+            raise BadInput("give the job to cancel: {\"project\": <id>} or {\"job_id\": ...}")
+        return jsonify(backend.jobs.cancel(job_id, project))
 
     @app.get("/metrics")
     def metrics_route():
@@ -185,7 +227,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
                           "embedding_cache_entries": stats["entries"], "embedding_cache_mb": round(stats["mb"], 3),
                           "model_encoder_calls_total": model.encoder_calls})
         if request.args.get("format") == "json":
-            return jsonify(metrics.snapshot({**extra, "model_version": backend.model_version(0)}))
+            return jsonify(metrics.snapshot({**extra, "model_version": backend.model_version(wait_s=0)}))
         return Response(metrics.prometheus(extra), mimetype="text/plain; version=0.0.4")
 
     return app

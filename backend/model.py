@@ -3,6 +3,14 @@
 One instance per process, shared by all request threads. The Stable-SAM model loads lazily on the
 first ``predict`` (never in /setup or /health); ``model_version`` is known before that from the
 checkpoint files alone, and is the same string the loaded model reports (``StableSam.version``).
+
+Plugin versions are per project: a project serves the current version of its scope
+``project-<id>`` in the plugin store (``MODEL_DIR/plugins/<base model>/project-<id>/``), else the
+default plugin (PLUGIN_CHECKPOINT, else the untrained no-op one); PLUGIN_VERSION pins one version
+for every project. The shared SAM is never changed per request: each request's predictor gets its
+project's plugin. Every request stats the project's pointer file, so when a training job
+activates a new version every worker serves it from its next request, without a restart.
+``fit`` starts training jobs (``backend/jobs.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,21 +34,47 @@ from stable_sam.build import build_from_settings, model_identity, resolve_sam_ch
 from stable_sam.checkpoint import load_plugin
 from stable_sam.download import OFFICIAL_CHECKPOINTS, CheckpointError
 from stable_sam.model import StableSam
+from stable_sam.modeling.plugin import StableSamPlugin
+from stable_sam.plugin_store import PluginStore, StoreError
 from stable_sam.predictor import PromptError, StableSamPredictor
 
 from .errors import BadInput
+from .jobs import JobManager
 from .media import ImageLoader
 from .metrics import Metrics
 from .prompts import PROMPT_CONTROL_TAGS, PromptGroup, Region, group_prompts, parse_regions, result_regions
 from .settings import BackendSettings
+from .training import scope_of
 
 log = logging.getLogger(__name__)
 
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
+COUNTED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+PLUGIN_CACHE_ITEMS = 32  # loaded plugin versions kept per process (a few hundred KB each)
 
 
-class NotImplementedYet(RuntimeError):
-    """``fit`` before the plugin-adaptation issue lands."""
+def project_id(value: Any) -> Optional[int]:
+    """Label Studio's project reference in its forms: ``3``, ``"3.1700000000"`` (/setup, /predict),
+    ``{"id": 3, ...}`` (webhooks). None when absent or not a project id."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        head = value.strip().split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+    return None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The plugin version a request uses: its name, its file (None: the default plugin) and why."""
+
+    version: str
+    path: Optional[Path]
+    source: str  # "default", "pinned" (PLUGIN_VERSION) or the project's scope
 
 
 @dataclass(frozen=True)
@@ -102,11 +138,18 @@ class StableSamBackend:
         self._model: Optional[StableSam] = None
         self._model_lock = threading.Lock()
         self._load_error: Optional[str] = None
-        self._version: Optional[str] = None
         self._version_error: Optional[str] = None
         self._version_ready = threading.Event()
         self._schemas: Dict[str, str] = {}
         self._schemas_lock = threading.Lock()
+        self.jobs = JobManager(self.settings)
+        self.store: Optional[PluginStore] = None
+        self._base: Optional[str] = None  # base model id, e.g. sam_tiny-a67fee3587bc
+        self._default_version: Optional[str] = None  # the default plugin's version
+        self._pin: Optional[Serving] = None  # PLUGIN_VERSION
+        self._serve_lock = threading.Lock()
+        self._pointers: Dict[str, Tuple[Any, Optional[str]]] = {}  # scope -> (pointer stamp, version)
+        self._plugins: "OrderedDict[Path, Tuple[int, StableSamPlugin]]" = OrderedDict()  # file -> (mtime, plugin)
         if model is not None:
             self._install(model)
         else:
@@ -135,21 +178,49 @@ class StableSamBackend:
                     raise
             plugin = load_plugin(s.plugin_checkpoint, model_type=s.sam_model_type).version \
                 if s.plugin_checkpoint else "init"
-            self._version = f"{base}+plugin-{plugin}"
+            self._set_base(base, plugin, s.sam_model_type)
         except Exception as e:  # reported by /setup and /health; predict reports the load error
             self._version_error = f"{e.__class__.__name__}: {e}"
             log.error("cannot determine the model version: %s", self._version_error)
         finally:
             self._version_ready.set()
 
+    def _set_base(self, base: str, default_version: str, model_type: str) -> None:
+        """The base model id and default plugin version are known: open the plugin store and
+        resolve PLUGIN_VERSION (an unknown one is an error that /health and /setup report)."""
+        store = PluginStore(self.settings.model_dir, base)
+        pin = self.settings.plugin_version
+        serving_pin = None
+        if pin and pin != default_version:
+            found = store.find(pin)
+            if found is None:
+                known = store.all_versions()
+                raise StoreError(f"PLUGIN_VERSION={pin}: no such plugin version of base model {base} under "
+                                 f"{store.dir} (versions there: {', '.join(known[-20:]) or 'none'}; "
+                                 f"{default_version}: the default plugin)")
+            load_plugin(found[1], model_type=model_type)  # a broken file fails now, not per request
+            serving_pin = Serving(pin, found[1], "pinned")
+        elif pin:
+            serving_pin = Serving(pin, None, "pinned")
+        self.store, self._base, self._default_version, self._pin = store, base, default_version, serving_pin
+        if serving_pin:
+            log.info("PLUGIN_VERSION=%s: every project serves %s+plugin-%s", pin, base, pin)
+
     def _install(self, model: StableSam) -> None:
         sam = model.sam
         self.metrics.instrument(sam.image_encoder, "encoder")
         self.metrics.instrument(sam.mask_decoder, "decoder")
+        announced = f"{self._base}+plugin-{self._default_version}" if self._base else None
+        if announced and announced != model.version:
+            log.warning("model_version announced as %s, but the loaded model is %s", announced, model.version)
         self._model = model
-        if self._version and self._version != model.version:
-            log.warning("model_version announced as %s, but the loaded model is %s", self._version, model.version)
-        self._version = model.version
+        if self._base != model.model_id or self._default_version != model.plugin_version:
+            try:
+                self._set_base(model.model_id, model.plugin_version, model.model_type)
+                self._version_error = None
+            except Exception as e:  # an unknown PLUGIN_VERSION: reported, and predict refuses
+                self._version_error = f"{e.__class__.__name__}: {e}"
+                log.error("%s", self._version_error)
         self._version_ready.set()
 
     @property
@@ -178,15 +249,106 @@ class StableSamBackend:
                          model.device)
         return self._model
 
-    def model_version(self, wait_s: float = 2.5) -> Optional[str]:
-        if self._model is not None:
-            return self._model.version
-        self._version_ready.wait(wait_s)
-        return self._version
+    def model_version(self, project: Any = None, wait_s: float = 2.5) -> Optional[str]:
+        """The model_version that ``project``'s predictions carry (without a project: the default
+        plugin's, or the pinned one's); None while unknown. Never loads the model."""
+        if not self._version_ready.wait(wait_s) or self._base is None or self._version_error:
+            return None
+        return f"{self._base}+plugin-{self.serving(project).version}"
 
     @property
     def version_error(self) -> Optional[str]:
         return self._version_error
+
+    # -- plugin versions ---------------------------------------------------------------------------
+    def serving(self, project: Any = None) -> Serving:
+        """The plugin version ``project`` serves now: PLUGIN_VERSION, else the project's current
+        version, else the default. A stat of the pointer file per call picks up a new version."""
+        if self._version_error:
+            raise BadInput(f"model unavailable: {self._version_error}", status=503)
+        if self._base is None:
+            raise BadInput("model unavailable: the model version is still being computed; retry", status=503)
+        if self._pin is not None:
+            return self._pin
+        default = Serving(self._default_version, None, "default")
+        pid = project_id(project)
+        if pid is None:
+            return default
+        scope = scope_of(pid)
+        stamp = self.store.pointer_stamp(scope)
+        with self._serve_lock:
+            cached = self._pointers.get(scope)
+        if cached is not None and cached[0] == stamp:
+            version = cached[1]
+        else:
+            version = self.store.current(scope) if stamp is not None else None
+            with self._serve_lock:
+                self._pointers[scope] = (stamp, version)
+            if version is not None:
+                log.info("project %s serves plugin version %s", pid, version)
+        if version is None:
+            return default
+        path = self.store.path(scope, version)
+        if not path.is_file():
+            log.error("project %s: current version %s has no file %s; serving the default plugin", pid, version, path)
+            return default
+        return Serving(version, path, scope)
+
+    def _plugin(self, serving: Serving, model: StableSam) -> Optional[StableSamPlugin]:
+        """The loaded plugin of ``serving`` (None: the model's own default plugin), cached."""
+        if serving.path is None:
+            return None
+        try:
+            mtime = serving.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            raise BadInput(f"plugin version {serving.version} disappeared from {serving.path.parent}", status=503) from None
+        with self._serve_lock:
+            hit = self._plugins.get(serving.path)
+            if hit is not None and hit[0] == mtime:
+                self._plugins.move_to_end(serving.path)
+                return hit[1]
+            try:
+                plugin = load_plugin(serving.path, model_type=model.model_type).plugin.to(model.device).eval()
+            except CheckpointError as e:
+                raise BadInput(f"plugin version {serving.version} cannot be loaded: {e}", status=503) from None
+            self._plugins[serving.path] = (mtime, plugin)
+            while len(self._plugins) > PLUGIN_CACHE_ITEMS:
+                self._plugins.popitem(last=False)
+            return plugin
+
+    def versions(self, project: Any = None) -> Dict[str, Any]:
+        """/versions: every model_version (``versions``, what Label Studio reads), the project's
+        current one, the default and the pin, per-version training summaries and running jobs."""
+        pid = project_id(project)
+        if not self._version_ready.wait(2.5) or self._base is None:
+            return {"versions": [], "error": self._version_error or "the model version is still being computed"}
+        default = f"{self._base}+plugin-{self._default_version}"
+        scopes = [scope_of(pid)] if pid is not None else self.store.scopes()
+        details = []
+        for scope in scopes:
+            current = self.store.current(scope)
+            for v in self.store.versions(scope):
+                s = v.summary
+                details.append({"version": v.version, "model_version": f"{self._base}+plugin-{v.version}",
+                                "scope": scope, "created": v.created, "current": v.version == current,
+                                "previous_version": s.get("previous_version"), "job_id": s.get("job_id"),
+                                "images": s.get("images"), "objects": s.get("objects"),
+                                "minutes": s.get("minutes_total", s.get("minutes")),
+                                "heldout": {k: s.get("heldout", {}).get(k) for k in
+                                            ("miou_before", "miou_after", "images", "objects", "note")
+                                            if k in s.get("heldout", {})}})
+        names = list(dict.fromkeys([default] + [d["model_version"] for d in details]))
+        out: Dict[str, Any] = {"versions": names, "default": default,
+                               "pinned": self._pin.version if self._pin else None, "project": pid}
+        if self._version_error:
+            out["error"] = self._version_error
+        else:
+            out["model_version"] = self.model_version(pid, 0)
+        if pid is not None:
+            out["current"] = self.store.current(scope_of(pid))
+        out["details"] = details
+        out["jobs"] = [j for j in self.jobs.jobs(pid) if j.get("status") == "running"]
+        return out
 
     # -- label-studio-ml interface -----------------------------------------------------------------
     def setup(self, project: Any, schema: Any) -> None:
@@ -199,16 +361,41 @@ class StableSamBackend:
                     while len(self._schemas) > 256:
                         self._schemas.pop(next(iter(self._schemas)))
 
-    def fit(self, event: str, data: Dict[str, Any], **kwargs) -> Dict[str, Any]:
-        """Plugin adaptation from annotations: not implemented yet (it is the adaptation issue).
+    def activate(self, project: Any, version: Any) -> Dict[str, Any]:
+        """Point ``project`` at one of its stored versions (a per-project rollback); every worker
+        serves it from its next request."""
+        pid = project_id(project)
+        if pid is None or not isinstance(version, str) or not version:
+            raise BadInput("give {\"project\": <id>, \"version\": <a version of that project>}")
+        self.serving()  # 503 while the store is unknown
+        try:
+            self.store.activate(scope_of(pid), version)
+        except StoreError as e:
+            raise BadInput(str(e), status=404) from None
+        log.info("project %s: version %s activated by request", pid, version)
+        out = {"project": pid, "current": version, "model_version": self.model_version(pid, 0)}
+        if self._pin is not None:
+            out["pinned"] = self._pin.version  # the pin still wins until PLUGIN_VERSION is unset
+        return out
 
-        Raises ``NotImplementedYet``; the webhook route answers START_TRAINING with 422 and a
-        message (Label Studio shows the backend in error instead of pretending to train) and logs
-        and acknowledges annotation events."""
-        project = (data.get("project") or {}).get("id") if isinstance(data.get("project"), dict) else data.get("project")
-        raise NotImplementedYet(f"{event} for project {project}: training the Stable-SAM plugin from "
-                                f"annotations is not implemented yet; the backend serves "
-                                f"{self.model_version(0) or 'its configured plugin'} unchanged")
+    def fit(self, event: str, data: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+        """Plugin adaptation from annotations, in a background job (never in the request).
+
+        START_TRAINING starts a job for ``data["project"]["id"]`` (or answers that one runs);
+        ANNOTATION_CREATED / _UPDATED count towards TRAIN_EVERY_N. Returns at once with
+        ``{"status": "started" | "running" | "counted" | "ignored", ...}``."""
+        project = project_id(data.get("project"))
+        if project is None and isinstance(data.get("task"), dict):
+            project = project_id(data["task"].get("project"))
+        if event == "START_TRAINING":
+            if project is None:
+                raise BadInput("START_TRAINING needs the project: data.project.id (Label Studio sends it)")
+            return self.jobs.start(project, trigger=event)
+        if event in COUNTED_EVENTS:
+            if project is None:
+                return {"status": "ignored", "reason": f"{event} without a project id"}
+            return self.jobs.count_annotation(project)
+        return {"status": "ignored", "reason": f"{event} does not start training"}
 
     def predict(self, tasks: Sequence[Dict[str, Any]], context: Optional[Dict[str, Any]] = None,
                 label_config: Optional[str] = None, project: Any = None, **kwargs) -> List[Dict[str, Any]]:
@@ -232,31 +419,34 @@ class StableSamBackend:
             if not regions:
                 raise BadInput("context.result has no keypoint or rectangle to prompt with")
         model = self.model
+        serving = self.serving(project if project_id(project) is not None else tasks[0].get("project"))
+        plugin = self._plugin(serving, model)
+        version = f"{model.model_id}+plugin-{serving.version}"
         out = []
         for task in tasks:
             tid = task.get("id")
             if interactive:
-                out.append(self._predict_task(model, cfg, task, regions))
+                out.append(self._predict_task(model, plugin, version, cfg, task, regions))
                 continue
             results, source = result_regions(task)
             if not results:
                 log.info("task %s: empty prediction: %s", tid, source)
                 self.metrics.count("batch_tasks_skipped_total")
-                out.append(self._empty(model))
+                out.append(self._empty(version))
                 continue
             try:
-                out.append(self._predict_task(model, cfg, task, parse_regions(results, source)))
+                out.append(self._predict_task(model, plugin, version, cfg, task, parse_regions(results, source)))
                 log.info("task %s: prompts from %s", tid, source)
             except BadInput as e:
                 log.warning("task %s: empty prediction: %s (prompts from %s)", tid, e.message, source)
                 self.metrics.count("batch_tasks_failed_total")
-                out.append(self._empty(model))
+                out.append(self._empty(version))
         return out
 
     # -- internals ---------------------------------------------------------------------------------
     @staticmethod
-    def _empty(model: StableSam) -> Dict[str, Any]:
-        return {"model_version": model.version, "score": 0.0, "result": []}
+    def _empty(version: str) -> Dict[str, Any]:
+        return {"model_version": version, "score": 0.0, "result": []}
 
     def _check_regions(self, cfg: ParsedConfig, regions: Sequence[Region]) -> None:
         for r in regions:
@@ -276,8 +466,8 @@ class StableSamBackend:
     def _embed(self, model: StableSam, image: np.ndarray) -> Dict[str, Any]:
         return {"embedding": model.embed(image), "model_id": model.model_id}
 
-    def _predict_task(self, model: StableSam, cfg: ParsedConfig, task: Dict[str, Any],
-                      regions: Sequence[Region]) -> Dict[str, Any]:
+    def _predict_task(self, model: StableSam, plugin: Optional[StableSamPlugin], version: str, cfg: ParsedConfig,
+                      task: Dict[str, Any], regions: Sequence[Region]) -> Dict[str, Any]:
         self._check_regions(cfg, regions)
         by_image: Dict[str, List[Region]] = {}
         for r in regions:
@@ -303,14 +493,16 @@ class StableSamBackend:
                             "masks resized", task.get("id"), to_name, out_w, out_h, w, h)
             brush = cfg.brush_by_image[to_name]
             labels = [_output_label(g, brush) for g in groups]
-            for g, label, pred in zip(groups, labels, self._decode(model, emb, groups, w, h)):
+            for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h)):
                 results.append(self._brush_result(g, label, brush.name, to_name, pred, (w, h), (out_w, out_h)))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
-        return {"model_version": model.version, "score": round(score, 4), "result": results}
+        return {"model_version": version, "score": round(score, 4), "result": results}
 
-    def _decode(self, model: StableSam, emb, groups: List[PromptGroup], w: int, h: int):
-        """Predict every group, batching groups of the same shape (boxes with K points) in one call."""
-        predictor = StableSamPredictor(model)
+    def _decode(self, model: StableSam, plugin: Optional[StableSamPlugin], emb, groups: List[PromptGroup],
+                w: int, h: int):
+        """Predict every group, batching groups of the same shape (boxes with K points) in one call,
+        with ``plugin`` (the project's version; None: the model's default plugin)."""
+        predictor = StableSamPredictor(model, plugin=plugin)
         predictor.set_embedding(emb)
         buckets: Dict[Tuple[bool, int], List[int]] = {}
         for i, g in enumerate(groups):

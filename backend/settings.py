@@ -1,8 +1,8 @@
 """Every environment variable the backend reads, in one place.
 
 ``BackendSettings`` extends the model library's ``ModelSettings`` (MODEL_DIR, DEVICE,
-SAM_MODEL_TYPE, SAM_CHECKPOINT, PLUGIN_CHECKPOINT, EMBEDDING_CACHE_MB, EMBEDDING_DISK_CACHE) with
-the Label Studio, HTTP-server and input-limit settings below. Nothing else in ``backend/`` reads
+SAM_MODEL_TYPE, SAM_CHECKPOINT, PLUGIN_CHECKPOINT, PLUGIN_VERSION, EMBEDDING_CACHE_MB,
+EMBEDDING_DISK_CACHE) with the Label Studio, HTTP-server, input-limit and training settings below. Nothing else in ``backend/`` reads
 ``os.environ``; gunicorn's config (``backend/gunicorn.conf.py``) reads these settings too.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 from stable_sam.settings import ModelSettings
 
@@ -61,6 +61,36 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r}: expected 1/0, true/false, yes/no")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: Sequence[str]) -> str:
+    raw = _str(env, name).lower() or default
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default, 0.0)
+    if value >= 1.0:
+        raise SettingsError(f"{name}={value} must be below 1 (a share of the labelled tasks)")
+    return value
+
+
+# Field -> environment variable, for ``to_env``.
+ENV_NAMES = {
+    "model_dir": "MODEL_DIR", "device": "DEVICE", "sam_model_type": "SAM_MODEL_TYPE",
+    "sam_checkpoint": "SAM_CHECKPOINT", "plugin_checkpoint": "PLUGIN_CHECKPOINT",
+    "embedding_cache_mb": "EMBEDDING_CACHE_MB", "embedding_disk_cache": "EMBEDDING_DISK_CACHE",
+    "plugin_version": "PLUGIN_VERSION", "label_studio_url": "LABEL_STUDIO_URL",
+    "label_studio_api_key": "LABEL_STUDIO_API_KEY", "basic_auth_user": "BASIC_AUTH_USER",
+    "basic_auth_pass": "BASIC_AUTH_PASS", "max_image_pixels": "MAX_IMAGE_PIXELS", "max_image_mb": "MAX_IMAGE_MB",
+    "max_request_mb": "MAX_REQUEST_MB", "fetch_timeout_s": "FETCH_TIMEOUT_S", "image_cache_items": "IMAGE_CACHE_ITEMS",
+    "image_cache_mb": "IMAGE_CACHE_MB", "image_cache_ttl_s": "IMAGE_CACHE_TTL_S",
+    "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT", "preload_model": "PRELOAD_MODEL", "host": "HOST", "port": "PORT",
+    "workers": "WORKERS", "threads": "THREADS", "torch_threads": "TORCH_THREADS", "log_level": "LOG_LEVEL",
+    "train_every_n": "TRAIN_EVERY_N", "train_init": "TRAIN_INIT", "train_holdout": "TRAIN_HOLDOUT",
+}
+
+
 @dataclass(frozen=True)
 class BackendSettings(ModelSettings):
     # Label Studio: where relative /data/upload/... URLs and cloud URIs are resolved, and the key
@@ -92,6 +122,11 @@ class BackendSettings(ModelSettings):
     threads: int = 8  # THREADS: gunicorn threads per worker
     torch_threads: int = 0  # TORCH_THREADS: torch intra-op threads per worker (0: torch default)
     log_level: str = "INFO"  # LOG_LEVEL
+    # Adaptation (training jobs, see backend/jobs.py): START_TRAINING always starts a job;
+    # TRAIN_EVERY_N > 0 also starts one after every N ANNOTATION_CREATED / _UPDATED of a project.
+    train_every_n: int = 0  # TRAIN_EVERY_N (0: off)
+    train_init: str = "current"  # TRAIN_INIT: start from the project's serving plugin, or "fresh"
+    train_holdout: float = 0.2  # TRAIN_HOLDOUT: share of labelled tasks held out for before / after mIoU
 
     @classmethod
     def from_env(cls) -> "BackendSettings":
@@ -125,7 +160,21 @@ class BackendSettings(ModelSettings):
             threads=_int(env, "THREADS", cls.threads, 1),
             torch_threads=_int(env, "TORCH_THREADS", cls.torch_threads, 0),
             log_level=(_str(env, "LOG_LEVEL") or cls.log_level).upper(),
+            train_every_n=_int(env, "TRAIN_EVERY_N", cls.train_every_n, 0),
+            train_init=_choice(env, "TRAIN_INIT", cls.train_init, ("current", "fresh")),
+            train_holdout=_fraction(env, "TRAIN_HOLDOUT", cls.train_holdout),
         )
+
+    def to_env(self) -> Dict[str, str]:
+        """These settings as the environment variables that ``from_env`` reads back (a training
+        job is started with them, so it uses the server's model, store and Label Studio)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                value = "1" if value else "0"
+            out[ENV_NAMES[f.name]] = "" if value is None else str(value)
+        return out
 
     @property
     def auth_enabled(self) -> bool:

@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
 import torch
 
 from .download import CheckpointError
 from .modeling.plugin import PluginConfig, StableSamPlugin
 
+# Temporary files of atomic writes end so; a process killed mid-write can leave one behind.
+TEMP_SUFFIX = ".tmp"
 
-def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+
+def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename it over ``path``:
+    readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is readable like any saved file
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the file is readable like any saved file
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +37,16 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj: Any, path: Union[str, Path]) -> Path:
+    """A JSON file written atomically (status files, version pointers)."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 PLUGIN_FORMAT = "stable-sam-plugin"

@@ -7,6 +7,10 @@ embedding cache) and all of its objects are prompted from that embedding.
 
 Every object gets prompts of mixed quality: the tight GT box, a DN-DETR noisy box with a scale
 drawn from U(0, ``max_box_noise``), or 1..``max_points`` positive points (optionally one negative).
+An object whose sample carries the annotator's own prompt (``Sample.prompts``: the rough box or
+the clicks that made its mask in Label Studio) gets that prompt as one of its
+``prompts_per_object``; the others are drawn as above. Without such prompts nothing changes (the
+random draws are the same).
 All are decoded in single-mask mode and supervised with the whole-object mask, so an ambiguous
 click is taught to mean the object, not one of its parts. Loss: BCE + Dice on the low-res logits
 upsampled to SAM's input frame, padding excluded.
@@ -40,6 +44,7 @@ from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable, rou
 from .prompts import mask_to_box, negative_points, noisy_box, sample_points
 
 PROMPT_KINDS = ("gt_box", "noisy_box", "points")
+ANNOTATED = "annotated"  # the kind of a prompt an annotator drew (``Sample.prompts``)
 
 
 @dataclass
@@ -177,7 +182,11 @@ def _prepare(model: StableSam, samples: Sequence[Sample], cfg: RTSConfig, rng: n
         embs.append(emb)
         targets.append(torch.stack([input_frame_target(model, m, emb) for m in sample.masks]))
         for obj, mask in enumerate(sample.masks):
-            prompts += [draw_prompt(mask, cfg, rng, slot, obj) for _ in range(cfg.prompts_per_object)]
+            given = sample.prompts[obj] if sample.prompts else None
+            if given is not None:  # the annotator's own prompt is one of the object's prompts
+                prompts.append(TrainPrompt(slot, obj, ANNOTATED, given.box, given.points, given.labels))
+            n = cfg.prompts_per_object - (given is not None)
+            prompts += [draw_prompt(mask, cfg, rng, slot, obj) for _ in range(n)]
     return _Step(embs, targets, prompts)
 
 
@@ -197,11 +206,14 @@ def _usable(dataset: SegmentationDataset) -> Callable[[int], Optional[Sample]]:
 
 def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig = RTSConfig(),
                  plugin: Optional[StableSamPlugin] = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> Tuple[StableSamPlugin, Dict[str, Any]]:
+                 log: Callable[[str], None] = print,
+                 on_step: Optional[Callable[[int, int, Optional[float]], None]] = None
+                 ) -> Tuple[StableSamPlugin, Dict[str, Any]]:
     """Train a plugin (a fresh one of ``PluginConfig()`` by default) with RTS; SAM is untouched.
 
     Returns the trained plugin (eval mode) and a summary: data size, epochs, steps, loss curve,
-    the loss on fixed probe prompts before and after, prompt kinds seen, time.
+    the loss on fixed probe prompts before and after, prompt kinds seen, time. ``on_step(step,
+    steps, loss)`` is called after every step (loss None when the step had no usable image).
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -258,6 +270,8 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
             sched.step()
             bar.update(1)
             step += 1
+            if on_step is not None:
+                on_step(step, total_steps, round(value, 5) if samples else None)
     bar.close()
     after = probe_loss()
     plugin.eval()

@@ -30,6 +30,10 @@ class ModelSettings:
     plugin_checkpoint: Optional[Path] = None  # PLUGIN_CHECKPOINT: a plugin file (else no-op plugin)
     embedding_cache_mb: float = 512.0  # EMBEDDING_CACHE_MB: in-memory embedding LRU budget
     embedding_disk_cache: bool = False  # EMBEDDING_DISK_CACHE=1: also keep embeddings under MODEL_DIR
+    # PLUGIN_VERSION: serve this plugin version (a name under MODEL_DIR/plugins/, or the default
+    # plugin's own version) for every project, whatever each project's current version is: a pin
+    # or a rollback. Empty: each project serves its current version (else the default plugin).
+    plugin_version: str = ""
 
     @classmethod
     def from_env(cls) -> "ModelSettings":
@@ -42,4 +46,5 @@ class ModelSettings:
             plugin_checkpoint=_env_path("PLUGIN_CHECKPOINT"),
             embedding_cache_mb=float(env.get("EMBEDDING_CACHE_MB", "512")),
             embedding_disk_cache=env.get("EMBEDDING_DISK_CACHE", "0").strip().lower() in ("1", "true", "yes"),
+            plugin_version=env.get("PLUGIN_VERSION", "").strip(),
         )

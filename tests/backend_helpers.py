@@ -119,3 +119,13 @@ def result_mask(result: dict) -> np.ndarray:
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(mask_iou(a, b))
+
+
+def brush_result(mask: np.ndarray, rid: str = "b1", label: str = "Object") -> dict:
+    """A brushlabels result of ``mask`` as Label Studio stores it (0/255 RLE)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    h, w = mask.shape
+    return {"id": rid, "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]}}

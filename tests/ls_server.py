@@ -8,6 +8,7 @@ temporary dir and starts from there in seconds. Settings as in ../shared/docs/la
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -28,6 +29,27 @@ TEMPLATE = LS_BIN.parent.parent / f"ls-template-{LS_VERSION}"
 USERNAME = "e2e@example.com"
 PASSWORD = "e2e-password-123"
 LEGACY_TOKEN = "e2e0legacy0token0123456789abcdef"
+
+
+def require_label_studio() -> None:
+    """Skip the calling test without Label Studio, or fail under ``make test``
+    (STABLE_SAM_E2E=require), which installs it."""
+    import pytest
+
+    if not LS_BIN.exists():
+        msg = f"Label Studio is not installed at {LS_BIN}: run `make install-ls` (make test does)"
+        if os.environ.get("STABLE_SAM_E2E") == "require":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def import_images(ls_url: str, project: int, pngs: List[bytes]) -> None:
+    """Upload PNG images to a project as tasks (``POST /api/projects/{id}/import``), one each."""
+    for i, png in enumerate(pngs):
+        r = requests.post(f"{ls_url}/api/projects/{project}/import", headers={"Authorization": f"Token {LEGACY_TOKEN}"},
+                          files={"file": (f"scene{i}.png", io.BytesIO(png), "image/png")}, timeout=60)
+        if r.status_code != 201:
+            raise RuntimeError(f"import into project {project} failed: HTTP {r.status_code} {r.text[:300]}")
 
 
 def free_port() -> int:

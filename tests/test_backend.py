@@ -102,9 +102,9 @@ def media_dir(tmp_path_factory, scenes):
 
 
 @pytest.fixture(scope="module")
-def settings(media_dir, media_server):
+def settings(media_dir, media_server, tmp_path_factory):
     url, _ = media_server
-    return BackendSettings(local_files_root=media_dir, label_studio_url=url,
+    return BackendSettings(local_files_root=media_dir, label_studio_url=url, model_dir=tmp_path_factory.mktemp("models"),
                            label_studio_api_key=_Media.legacy_token, fetch_timeout_s=5.0)
 
 
@@ -153,7 +153,9 @@ def test_health_and_setup_never_load_the_model(settings, tiny_model):
                                     "hostname": "http://localhost:8080", "access_token": "x", "extra_params": None})
     assert r.status_code == 200, r.get_json()
     assert r.get_json()["model_version"] == tiny_model.version  # the same string the loaded model reports
-    assert client.get("/versions").get_json() == {"versions": [tiny_model.version]}
+    versions = client.get("/versions").get_json()
+    assert versions["versions"] == [tiny_model.version] and versions["default"] == tiny_model.version
+    assert versions["details"] == [] and versions["jobs"] == [] and versions["pinned"] is None
     assert not calls and client.get("/health").get_json()["model_loaded"] is False
     # a config that cannot give brush masks is refused at connect time, with the reason
     r = client.post("/setup", json={"project": "3.1", "schema": "<View><Image name='i' value='$i'/></View>"})
@@ -505,13 +507,27 @@ def test_basic_auth_on_every_route_but_health(settings, tiny_model, media_dir, s
     assert c.get("/metrics", headers=good).status_code == 200
 
 
-def test_webhook_and_fit_not_yet(client):
+def test_webhook_events_and_bad_training_requests(client, settings, tiny_model):
     r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": 1, "result": []},
                                       "task": {"id": 1}, "project": {"id": 1}})
     assert r.status_code == 200 and r.get_json()["status"] == "ignored"
-    assert "not implemented yet" in r.get_json()["reason"]
-    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": "<View/>"}})
-    assert r.status_code == 422 and "not implemented yet" in r.get_json()["error"]
+    assert "TRAIN_EVERY_N is 0" in r.get_json()["reason"]
+    # START_TRAINING without a project id, or without Label Studio credentials: a 4xx saying what to do
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"label_config": "<View/>"}})
+    assert r.status_code == 400 and "data.project.id" in r.get_json()["error"]
+    bare = BackendSettings(**{**settings.__dict__, "label_studio_url": "", "label_studio_api_key": ""})
+    c = create_app(backend=StableSamBackend(bare, model=tiny_model)).test_client()
+    r = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert r.status_code == 422
+    assert "LABEL_STUDIO_URL" in r.get_json()["error"] and "LABEL_STUDIO_API_KEY" in r.get_json()["error"]
+    assert not (settings.model_dir / "jobs").exists() or not list((settings.model_dir / "jobs").glob("*.json"))
+    for path, kw in (("/train/status", {"query_string": {"project": "x"}}), ("/train/status/nope", {}),
+                     ("/train/cancel", {"json": {}}), ("/versions", {"query_string": {"project": "-"}})):
+        r = c.get(path, **kw) if "cancel" not in path else c.post(path, **kw)
+        assert r.status_code == 400 and r.get_json()["error"], (path, r.get_json())
+    r = c.get("/train/status/project-9-20260101000000-abcdef")
+    assert r.status_code == 404 and "no training job" in r.get_json()["error"]
+    assert c.get("/train/status", query_string={"project": 9}).get_json()["status"] == "none"
     r = client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": [], "project": {"id": 1}})
     assert r.status_code == 200 and r.get_json()["status"] == "Unknown event"
     assert client.post("/webhook", json={"project": 1}).status_code == 400

@@ -23,13 +23,46 @@ class DatasetError(ValueError):
 
 
 @dataclass
+class ObjectPrompt:
+    """The prompt an annotator gave one object, in original-image pixels: a box (4, XYXY), points
+    (K x 2, x y) with labels (K: 1 positive, 0 negative), or both. ``source``: where it came from."""
+
+    box: Optional[np.ndarray] = None
+    points: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.box is None and self.points is None:
+            raise ValueError("an object prompt needs a box or points")
+        if self.box is not None:
+            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+        if self.points is not None:
+            self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+            self.labels = np.asarray(self.labels if self.labels is not None else np.ones(len(self.points)),
+                                     dtype=np.int64).reshape(-1)
+            if len(self.labels) != len(self.points):
+                raise ValueError(f"{len(self.points)} points need as many labels, got {len(self.labels)}")
+
+    def describe(self) -> str:
+        parts = ["box"] if self.box is not None else []
+        if self.points is not None:
+            pos = int(self.labels.sum())
+            parts += [f"{pos} positive"] if pos else []
+            parts += [f"{len(self.labels) - pos} negative"] if len(self.labels) > pos else []
+        return " + ".join(parts)
+
+
+@dataclass
 class Sample:
     """image: H x W x 3 uint8 RGB; masks: one H x W bool per object, each non-empty; name: where
-    it came from (file name or generator index), used in messages and figures."""
+    it came from (file name or generator index), used in messages and figures. ``prompts``: when
+    the source has them (an annotator's boxes / clicks), one per mask, None for a mask without."""
 
     image: np.ndarray
     masks: List[np.ndarray]
     name: str
+    prompts: Optional[List[Optional[ObjectPrompt]]] = None
 
 
 class SegmentationDataset:
@@ -86,7 +119,7 @@ def check_sample(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence
             raise DatasetError(f"{where}: mask {name} is empty")
 
 
-def _json_kind(path: Path) -> str:
+def json_kind(path: Path) -> str:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -125,7 +158,7 @@ def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
         ds: SegmentationDataset = FolderDataset(path, masks_dir=masks_dir)
     elif path.is_file() and path.suffix.lower() == ".json":
         root = image_root if image_root is not None else path.parent
-        ds = CocoDataset(path, root) if _json_kind(path) == "coco" else LabelStudioExport(path, root)
+        ds = CocoDataset(path, root) if json_kind(path) == "coco" else LabelStudioExport(path, root)
     elif not path.exists():
         raise DatasetError(f"dataset not found: {path} (a folder, a .json file or synthetic:heldout)")
     else:

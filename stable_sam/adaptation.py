@@ -1,0 +1,174 @@
+"""Adapting the plugin to a project's own labels: a held-out split, mIoU before and after, RTS.
+
+``adapt`` splits the labelled images deterministically (by a key such as the task id, so a task
+stays held out as the project grows), measures the held-out mIoU of the plugin serving now,
+trains one RTS epoch on the rest starting from that plugin (or a fresh one), and measures again,
+so a user sees whether adaptation helped. Held-out prompts are what the annotator drew for the
+object when the sample has it (``Sample.prompts``), else ``noisy_boxes`` DN-DETR boxes of scale
+``noise`` from a fixed seed; masks are predicted the way the backend serves them.
+
+Bad items (an image that cannot be fetched, a corrupt mask) are skipped and listed, not fatal:
+one broken task must not stop a project's training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .data.dataset import DatasetError, Sample, SegmentationDataset, Subset
+from .evaluation import prompt_rng
+from .metrics import mask_iou
+from .model import StableSam
+from .modeling.plugin import PluginConfig, StableSamPlugin
+from .predictor import PromptError, StableSamPredictor
+from .prompts import noisy_box
+from .rts import RTSConfig, train_plugin
+
+INIT_MODES = ("current", "fresh")
+
+
+class AdaptationError(RuntimeError):
+    """Nothing to train on (no labelled image, all skipped), or a bad setting."""
+
+
+@dataclass
+class AdaptationConfig:
+    holdout: float = 0.2  # share of labelled images held out for the before / after figure
+    init: str = "current"  # start from the plugin serving now ("current") or a fresh one
+    noise: float = 0.4  # DN-DETR scale of the held-out boxes for objects without a drawn prompt
+    noisy_boxes: int = 5  # such boxes per object (their IoUs are averaged)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.noisy_boxes < 1:
+            raise ValueError("noisy_boxes must be >= 1")
+
+
+def holdout_split(keys: Sequence[str], fraction: float, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """(train indices, held-out indices): the ``round(fraction * n)`` keys (at least 1 when there
+    are >= 2 and fraction > 0; none with 1) of smallest seeded hash. Deterministic, and a key keeps
+    its side as keys are added unless a new one hashes below it."""
+    n = len(keys)
+    k = 0 if n < 2 or fraction <= 0 else min(n - 1, max(1, round(fraction * n)))
+    order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest())
+    held = sorted(order[:k])
+    return [i for i in range(n) if i not in set(held)], held
+
+
+class Skipping(SegmentationDataset):
+    """``base`` with items that raise ``DatasetError`` turned into empty samples (which training
+    and evaluation pass over); the reasons are kept in ``skipped``."""
+
+    def __init__(self, base: SegmentationDataset) -> None:
+        self.base = base
+        self.description = base.description
+        self.skipped: Dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def key(self, index: int) -> str:
+        return self.base.key(index) if hasattr(self.base, "key") else str(index)
+
+    def __getitem__(self, index: int) -> Sample:
+        try:
+            return self.base[index]
+        except DatasetError as e:
+            self.skipped[self.key(index)] = str(e)
+            return Sample(np.zeros((1, 1, 3), np.uint8), [], self.key(index))
+
+
+def heldout_miou(model: StableSam, dataset: SegmentationDataset, plugin: Optional[StableSamPlugin],
+                 cfg: AdaptationConfig) -> Dict[str, Any]:
+    """Mean per-object IoU (percent) of ``plugin`` on every object of ``dataset``; the same
+    prompts for every plugin (seeded by the image's position and the object)."""
+    predictor = StableSamPredictor(model, plugin=plugin)
+    ious: List[float] = []
+    drawn = images = 0
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if not sample.masks:
+            continue
+        images += 1
+        predictor.set_image(sample.image)
+        for j, mask in enumerate(sample.masks):
+            given = sample.prompts[j] if sample.prompts else None
+            if given is not None:
+                try:
+                    out = predictor.predict(point_coords=given.points, point_labels=given.labels,
+                                            box=given.box)
+                    ious.append(float(mask_iou(out.masks[0], mask)))
+                    drawn += 1
+                    continue
+                except PromptError:
+                    pass  # a drawn prompt the model refuses: measured with noisy boxes instead
+            rng = prompt_rng(cfg.seed, index, j, "noisy_box_0.4")  # the protocol's seeding
+            out = predictor.predict(box=np.stack([noisy_box(mask, cfg.noise, rng) for _ in range(cfg.noisy_boxes)]))
+            ious.append(float(mask_iou(out.masks, mask).mean()))
+    return {"miou": round(100 * float(np.mean(ious)), 2) if ious else None, "images": images,
+            "objects": len(ious), "drawn_prompts": drawn, "noisy_box_prompts": len(ious) - drawn,
+            "noisy_box": {"scale": cfg.noise, "per_object": cfg.noisy_boxes}}
+
+
+@dataclass
+class AdaptationResult:
+    plugin: StableSamPlugin
+    summary: Dict[str, Any] = field(default_factory=dict)
+
+
+def adapt(model: StableSam, dataset: SegmentationDataset, current: StableSamPlugin,
+          rts: RTSConfig = RTSConfig(), cfg: AdaptationConfig = AdaptationConfig(),
+          plugin_config: Optional[PluginConfig] = None, progress: bool = False,
+          log: Callable[[str], None] = print, on_phase: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+          on_step: Optional[Callable[[int, int, Optional[float]], None]] = None) -> AdaptationResult:
+    """Held-out mIoU of ``current``, one RTS run on the training split, held-out mIoU after.
+
+    ``current`` is the plugin serving now (the start point with ``init="current"``; it is not
+    modified). ``on_phase(phase, info)`` reports "evaluating_before", "training",
+    "evaluating_after" with the figures known so far. Raises ``AdaptationError`` when there is
+    nothing to train on."""
+    phase = on_phase or (lambda name, info: None)
+    if len(dataset) == 0:
+        raise AdaptationError(f"{dataset.description or 'the dataset'}: no labelled image (for Label Studio: no "
+                              f"task with a brush annotation) to adapt to")
+    data = Skipping(dataset)
+    keys = [data.key(i) for i in range(len(data))]
+    train_idx, held_idx = holdout_split(keys, cfg.holdout, cfg.seed)
+    train, held = Subset(data, train_idx), Subset(data, held_idx)
+    start = time.time()
+    heldout: Dict[str, Any] = {"keys": [keys[i] for i in held_idx], "fraction": cfg.holdout}
+    if not held_idx:
+        heldout["note"] = (f"no held-out split with {len(keys)} labelled image (it takes at least 2): "
+                           f"no before / after figure" if cfg.holdout > 0 else "no held-out split asked for (holdout 0)")
+        log(f"held-out: {heldout['note']}")
+    else:
+        phase("evaluating_before", {"heldout": heldout})
+        before = heldout_miou(model, held, current, cfg)
+        heldout.update(miou_before=before["miou"], **{k: v for k, v in before.items() if k != "miou"})
+        log(f"held-out ({len(held_idx)} images, {before['objects']} objects): mIoU before {before['miou']}")
+    phase("training", {"heldout": heldout, "train_images": len(train_idx)})
+    init = copy.deepcopy(current) if cfg.init == "current" else StableSamPlugin(plugin_config or PluginConfig())
+    plugin, summary = train_plugin(model, train, rts, init, progress=progress, log=log, on_step=on_step)
+    if summary["images"] == 0:
+        why = "; ".join(f"{k}: {v}" for k, v in list(data.skipped.items())[:5])
+        raise AdaptationError(f"no usable training image among {len(train_idx)} labelled ones"
+                              + (f" ({why})" if why else ""))
+    if held_idx:
+        phase("evaluating_after", {"heldout": heldout})
+        after = heldout_miou(model, held, plugin, cfg)
+        heldout["miou_after"] = after["miou"]
+        log(f"held-out mIoU before {heldout['miou_before']} -> after {heldout['miou_after']}")
+    summary.update({"adaptation": {**asdict(cfg), "train_keys": [keys[i] for i in train_idx]},
+                    "heldout": heldout, "skipped": dict(data.skipped),
+                    "minutes_total": round((time.time() - start) / 60, 3)})
+    return AdaptationResult(plugin, summary)
