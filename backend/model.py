@@ -37,6 +37,7 @@ from stable_sam.model import StableSam
 from stable_sam.modeling.plugin import StableSamPlugin
 from stable_sam.plugin_store import PluginStore, StoreError
 from stable_sam.predictor import PromptError, StableSamPredictor
+from stable_sam.prompts import ObjectPrompt
 
 from .errors import BadInput
 from .jobs import JobManager
@@ -294,7 +295,7 @@ class StableSamBackend:
             return default
         return Serving(version, path, scope)
 
-    def _plugin(self, serving: Serving, model: StableSam) -> Optional[StableSamPlugin]:
+    def plugin_for(self, serving: Serving, model: StableSam) -> Optional[StableSamPlugin]:
         """The loaded plugin of ``serving`` (None: the model's own default plugin), cached."""
         if serving.path is None:
             return None
@@ -420,7 +421,7 @@ class StableSamBackend:
                 raise BadInput("context.result has no keypoint or rectangle to prompt with")
         model = self.model
         serving = self.serving(project if project_id(project) is not None else tasks[0].get("project"))
-        plugin = self._plugin(serving, model)
+        plugin = self.plugin_for(serving, model)
         version = f"{model.model_id}+plugin-{serving.version}"
         out = []
         for task in tasks:
@@ -494,7 +495,7 @@ class StableSamBackend:
             brush = cfg.brush_by_image[to_name]
             labels = [_output_label(g, brush) for g in groups]
             for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h)):
-                results.append(self._brush_result(g, label, brush.name, to_name, pred, (w, h), (out_w, out_h)))
+                results.append(self.brush_result(g, label, brush.name, to_name, pred, (w, h), (out_w, out_h)))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
         return {"model_version": version, "score": round(score, 4), "result": results}
 
@@ -502,36 +503,25 @@ class StableSamBackend:
                 w: int, h: int):
         """Predict every group, batching groups of the same shape (boxes with K points) in one call,
         with ``plugin`` (the project's version; None: the model's default plugin)."""
+        if not groups:  # e.g. only negative clicks so far: nothing to segment yet
+            return []
         predictor = StableSamPredictor(model, plugin=plugin)
         predictor.set_embedding(emb)
-        buckets: Dict[Tuple[bool, int], List[int]] = {}
-        for i, g in enumerate(groups):
-            buckets.setdefault((g.box is not None, len(g.points)), []).append(i)
-        preds: List[Optional[Dict[str, Any]]] = [None] * len(groups)
-        for (has_box, k), idx in buckets.items():
-            boxes = points = labels = None
-            if has_box:
-                boxes = np.array([[min(max(groups[i].box[0], 0), w), min(max(groups[i].box[1], 0), h),
-                                   min(max(groups[i].box[2], 0), w), min(max(groups[i].box[3], 0), h)]
-                                  for i in idx], dtype=np.float64)
-            if k:
-                points = np.array([groups[i].points for i in idx], dtype=np.float64)
-                labels = np.array([groups[i].point_labels for i in idx], dtype=np.float64)
-                if not has_box:
-                    points, labels = points[0], labels[0]
-            try:
-                out = predictor.predict(point_coords=points, point_labels=labels, box=boxes)
-            except PromptError as e:
-                raise BadInput(f"prompt rejected: {e}") from None
-            for j, i in enumerate(idx):
-                preds[i] = {"mask": out.masks[j], "score": float(out.scores[j]),
-                            "stability": float(out.stability[j]),
-                            "alpha": out.alpha[j].tolist() if out.alpha is not None else None}
+        prompts = [ObjectPrompt(box=None if g.box is None else
+                                [min(max(g.box[0], 0), w), min(max(g.box[1], 0), h),
+                                 min(max(g.box[2], 0), w), min(max(g.box[3], 0), h)],
+                                points=g.points or None, labels=g.point_labels or None) for g in groups]
+        try:
+            out = predictor.predict_objects(prompts)
+        except PromptError as e:
+            raise BadInput(f"prompt rejected: {e}") from None
+        preds = [{"mask": out.masks[i], "score": float(out.scores[i]), "stability": float(out.stability[i]),
+                  "alpha": out.alpha[i].tolist() if out.alpha is not None else None} for i in range(len(groups))]
         self.metrics.count("masks_total", len(groups))
         return preds
 
     @staticmethod
-    def _brush_result(g: PromptGroup, label: str, from_name: str, to_name: str, pred: Dict[str, Any],
+    def brush_result(g: PromptGroup, label: str, from_name: str, to_name: str, pred: Dict[str, Any],
                       size: Tuple[int, int], out_size: Tuple[int, int]) -> Dict[str, Any]:
         mask = pred["mask"]
         if out_size != size:

@@ -208,16 +208,24 @@ def group_prompts(regions: Sequence[Region], width: int, height: int) -> Tuple[L
     return groups, notes
 
 
-def result_regions(task: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str]:
+PROMPT_SOURCES = ("annotations", "predictions")
+
+
+def result_regions(task: Dict[str, Any], sources: Sequence[str] = PROMPT_SOURCES) -> Tuple[List[Dict[str, Any]], str]:
     """For a batch call (no context): the prompt regions stored with the task, from its newest
-    non-cancelled annotation that has any, else its newest prediction that has any.
+    non-cancelled annotation that has any, else its newest prediction that has any. ``sources``
+    narrows or reorders where to look (``("predictions",)``: a model's rough boxes only).
     Returns (results, where they came from) or ([], reason)."""
+    unknown = [s for s in sources if s not in PROMPT_SOURCES]
+    if unknown or not sources:
+        raise ValueError(f"prompt sources must be some of {PROMPT_SOURCES}, got {list(sources)}")
+
     def newest_first(items: Any) -> List[Dict[str, Any]]:
         items = [i for i in (items or []) if isinstance(i, dict)]
         return sorted(items, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""),
                                             i.get("id") if isinstance(i.get("id"), int) else 0), reverse=True)
 
-    for kind in ("annotations", "predictions"):
+    for kind in sources:
         for item in newest_first(task.get(kind)):
             if item.get("was_cancelled"):
                 continue
@@ -225,4 +233,4 @@ def result_regions(task: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str]:
             if isinstance(result, list) and any(isinstance(r, dict) and str(r.get("type", "")).lower()
                                                 in PROMPT_TYPES for r in result):
                 return result, f"{kind[:-1]} {item.get('id', '?')}"
-    return [], "the task has no keypoint or rectangle in its annotations or predictions"
+    return [], f"the task has no keypoint or rectangle in its {' or '.join(sources)}"

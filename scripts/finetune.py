@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError  # noqa: E402
 from stable_sam.build import MODEL_TYPES, build  # noqa: E402
 from stable_sam.data.dataset import DatasetError, json_kind, open_dataset  # noqa: E402
+from stable_sam.distributed import init_from_env  # noqa: E402
 from stable_sam.download import CheckpointError  # noqa: E402
 from stable_sam.modeling.plugin import PluginConfig  # noqa: E402
 from stable_sam.rts import RTSConfig, finetune  # noqa: E402
@@ -189,14 +190,19 @@ def main(argv=None) -> int:
     start = args.start if args.start is not None else (DEFAULT_TRAIN_START if synthetic else 0)
     limit = args.images if args.images is not None else (DEFAULT_TRAIN_IMAGES if synthetic else None)
     try:
+        group = init_from_env(args.device)  # under torchrun: one process per GPU (or CPU slot)
         rts, plugin_cfg = _configs(args)
         dataset = open_dataset(args.dataset, image_root=args.image_root, masks_dir=args.masks_dir,
                                limit=limit, start=start)
-        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device, model_dir=args.model_dir)
+        device = args.device
+        if group.world > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
+            device = f"cuda:{torch.cuda.current_device()}"
+        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=device, model_dir=args.model_dir)
     except (DatasetError, CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"RTS on {model.version} ({model.device}), data: {dataset.description}")
+    print(f"RTS on {model.version} ({model.device}), data: {dataset.description}"
+          + (f", rank {group.rank} of {group.world}" if group.world > 1 else ""))
     try:
         _, version, summary = finetune(model, dataset, args.out, rts, plugin_cfg, version=args.version,
                                        progress=not args.no_progress, extra_summary={"command": command},
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
     except DatasetError as e:
         print(f"error: {e} (no checkpoint written)", file=sys.stderr)
         return 2
-    if args.json:
+    if args.json and group.rank == 0:
         short = {k: v for k, v in summary.items() if k != "loss_curve"}
         print(json.dumps({"version": version, "path": str(args.out), **short}))
     return 0

@@ -16,7 +16,7 @@ shared and thread-safe, so a server makes one predictor per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from segment_anything.utils.amg import calculate_stability_score
 
 from .model import ImageEmbedding, StableSam
 from .modeling.plugin import StableSamPlugin
+from .prompts import ObjectPrompt
 
 
 class PromptError(ValueError):
@@ -155,6 +156,47 @@ class StableSamPredictor:
             alpha=np.concatenate([p[4] for p in parts]) if use_plugin else None,
             multimask=multimask_output,
         )
+
+    def predict_objects(self, prompts: Sequence[ObjectPrompt], use_plugin: bool = True) -> Prediction:
+        """One mask per object prompt, prompts of any mix of shapes, rows in the order given.
+
+        Prompts of one shape (box or not, K points) go through the decoder together: one call per
+        shape, not per object. A lone positive point without a box is ambiguous and keeps the best of
+        SAM's three candidates, as ``predict`` does; every other shape is decoded single-mask, so an
+        object gets the same mask here as when it is predicted alone. ``multimask`` of the result is
+        True when any shape was decoded multimask."""
+        if not prompts:
+            raise PromptError("no object prompts: give at least one")
+        buckets: Dict[Tuple[bool, int], List[int]] = {}
+        for i, p in enumerate(prompts):
+            buckets.setdefault(p.shape, []).append(i)
+        parts: Dict[Tuple[bool, int], Prediction] = {}
+        for (has_box, k), idx in buckets.items():
+            boxes = np.array([prompts[i].box for i in idx], dtype=np.float64) if has_box else None
+            points = labels = None
+            if k:
+                points = np.array([prompts[i].points for i in idx], dtype=np.float64)  # N x K x 2
+                labels = np.array([prompts[i].labels for i in idx], dtype=np.float64)
+            parts[(has_box, k)] = self.predict(point_coords=points, point_labels=labels, box=boxes,
+                                               multimask_output=not has_box and k == 1, use_plugin=use_plugin)
+        # Scatter each shape's rows back to the prompts' order.
+        first = next(iter(parts.values()))
+        n = len(prompts)
+        out = Prediction(
+            masks=np.empty((n,) + first.masks.shape[1:], dtype=bool),
+            scores=np.empty(n, dtype=first.scores.dtype),
+            stability=np.empty(n, dtype=first.stability.dtype),
+            low_res_logits=np.empty((n,) + first.low_res_logits.shape[1:], dtype=first.low_res_logits.dtype),
+            alpha=np.empty((n, 2), dtype=first.alpha.dtype) if first.alpha is not None else None,
+            multimask=any(p.multimask for p in parts.values()),
+        )
+        for key, idx in buckets.items():
+            part = parts[key]
+            out.masks[idx], out.scores[idx], out.stability[idx] = part.masks, part.scores, part.stability
+            out.low_res_logits[idx] = part.low_res_logits
+            if out.alpha is not None:
+                out.alpha[idx] = part.alpha
+        return out
 
     def _predict_batch(self, points, labels, boxes, masks, start: int, stop: int, multimask: bool,
                        use_plugin: bool) -> Tuple[np.ndarray, ...]:

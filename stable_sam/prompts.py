@@ -9,9 +9,51 @@ Coordinates are pixels, x before y; boxes are XYXY. Two families live here:
 
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
+
+
+@dataclass
+class ObjectPrompt:
+    """The prompt of one object, in original-image pixels: a box (4, XYXY), points (K x 2, x y)
+    with labels (K: 1 positive, 0 negative), or both. ``source``: where it came from (e.g. the
+    Label Studio region ids). Arrays are float64 / int64 whatever was passed in."""
+
+    box: Optional[np.ndarray] = None
+    points: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.box is None and self.points is None:
+            raise ValueError("an object prompt needs a box or points")
+        if self.box is not None:
+            self.box = np.asarray(self.box, dtype=np.float64).reshape(4)
+        if self.points is not None:
+            self.points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
+            self.labels = np.asarray(self.labels if self.labels is not None else np.ones(len(self.points)),
+                                     dtype=np.int64).reshape(-1)
+            if len(self.labels) != len(self.points):
+                raise ValueError(f"{len(self.points)} points need as many labels, got {len(self.labels)}")
+            if len(self.points) == 0:
+                self.points = self.labels = None
+                if self.box is None:
+                    raise ValueError("an object prompt needs a box or points")
+
+    @property
+    def shape(self) -> Tuple[bool, int]:
+        """(has a box, number of points): prompts of one shape share a decoder call."""
+        return self.box is not None, 0 if self.points is None else len(self.points)
+
+    def describe(self) -> str:
+        parts = ["box"] if self.box is not None else []
+        if self.points is not None:
+            pos = int(self.labels.sum())
+            parts += [f"{pos} positive"] if pos else []
+            parts += [f"{len(self.labels) - pos} negative"] if len(self.labels) > pos else []
+        return " + ".join(parts)
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import save_plugin
+from .distributed import DataParallelGroup
 from .data.dataset import Sample, SegmentationDataset
 from .losses import bce_dice_loss
 from .model import ImageEmbedding, StableSam
@@ -216,12 +217,17 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
     steps, loss)`` is called after every step (loss None when the step had no usable image).
     """
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    ddp = DataParallelGroup.current()
+    # One process: one generator for the image order and the prompts, as it always was (the
+    # committed plugin stays reproducible). Several: the order is shared, the prompts are per rank.
+    rng = np.random.default_rng(cfg.seed if ddp.world == 1 else [cfg.seed, ddp.rank])
+    order_rng = rng if ddp.world == 1 else np.random.default_rng(cfg.seed)
     plugin = (plugin or StableSamPlugin()).to(model.device)
     params = [p for p in plugin.parameters() if p.requires_grad]
+    ddp.broadcast(params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(dataset)
-    steps_per_epoch = math.ceil(n / cfg.images_per_step)
+    steps_per_epoch = math.ceil(n / (cfg.images_per_step * ddp.world))
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total_steps, cfg))
     get = _usable(dataset)
@@ -248,17 +254,24 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
     bar = tqdm(total=total_steps, desc="RTS", unit="step", disable=not progress, dynamic_ncols=True)
     running = None
     step = 0
+    per_step = cfg.images_per_step * ddp.world
     for epoch in range(cfg.epochs):
-        order = rng.permutation(n)
-        for s0 in range(0, n, cfg.images_per_step):
-            samples = [s for s in (get(i) for i in order[s0:s0 + cfg.images_per_step]) if s is not None]
+        order = order_rng.permutation(n)
+        for s0 in range(0, n, per_step):
+            mine = order[s0 + ddp.rank * cfg.images_per_step:s0 + (ddp.rank + 1) * cfg.images_per_step]
+            samples = [s for s in (get(i) for i in mine) if s is not None]
+            if samples or ddp.world > 1:  # every rank joins every gradient all-reduce
+                opt.zero_grad(set_to_none=False)
+                for p in params:
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                if samples:
+                    batch = _prepare(model, samples, cfg, rng)
+                    loss = prompts_loss(model, plugin, batch.embs, batch.targets, batch.prompts)
+                    loss.backward()
+                if ddp.average_gradients(params, contributed=bool(samples)):
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
             if samples:
-                batch = _prepare(model, samples, cfg, rng)
-                loss = prompts_loss(model, plugin, batch.embs, batch.targets, batch.prompts)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
                 value = float(loss.detach())
                 running = value if running is None else 0.95 * running + 0.05 * value
                 kinds.update(p.kind for p in batch.prompts)
@@ -275,6 +288,8 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
     bar.close()
     after = probe_loss()
     plugin.eval()
+    images_used, objects_used = ddp.total(images_used), ddp.total(objects_used)
+    kinds = ddp.merge_counts(kinds)
     minutes = (time.time() - start) / 60
     summary = {
         "method": "RTS",
@@ -294,6 +309,7 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
         "encoder_calls": model.encoder_calls - encoder_calls0,
         "minutes": round(minutes, 3),
         "device": str(model.device),
+        "processes": ddp.world,
     }
     log(f"RTS: {images_used} images, {objects_used} objects, {summary['prompts']} prompts, {total_steps} steps "
         f"in {minutes:.1f} min; probe loss {before if before is None else round(before, 4)} -> "
@@ -329,7 +345,9 @@ def finetune(model: StableSam, dataset: SegmentationDataset, out_path: Path, cfg
     plugin, summary = train_plugin(model, dataset, cfg, StableSamPlugin(plugin_config or PluginConfig()),
                                    progress=progress, log=log)
     summary.update(extra_summary or {})
-    version = version or plugin_version(plugin)
-    save_plugin(plugin, out_path, version, {"model_type": model.model_type, "model_id": model.model_id}, summary)
-    log(f"plugin {version} written to {out_path}")
+    ddp = DataParallelGroup.current()
+    version = ddp.from_rank0(version or plugin_version(plugin))  # the clock differs between ranks
+    if ddp.rank == 0:  # the ranks hold the same weights; one writes them
+        save_plugin(plugin, out_path, version, {"model_type": model.model_type, "model_id": model.model_id}, summary)
+        log(f"plugin {version} written to {out_path}")
     return plugin, version, summary

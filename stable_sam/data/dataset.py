@@ -17,40 +17,11 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..prompts import ObjectPrompt  # noqa: F401 - re-exported: a Sample's prompts
+
 
 class DatasetError(ValueError):
     """Bad dataset input (missing file, unreadable image, size mismatch, empty mask); says which."""
-
-
-@dataclass
-class ObjectPrompt:
-    """The prompt an annotator gave one object, in original-image pixels: a box (4, XYXY), points
-    (K x 2, x y) with labels (K: 1 positive, 0 negative), or both. ``source``: where it came from."""
-
-    box: Optional[np.ndarray] = None
-    points: Optional[np.ndarray] = None
-    labels: Optional[np.ndarray] = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if self.box is None and self.points is None:
-            raise ValueError("an object prompt needs a box or points")
-        if self.box is not None:
-            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
-        if self.points is not None:
-            self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
-            self.labels = np.asarray(self.labels if self.labels is not None else np.ones(len(self.points)),
-                                     dtype=np.int64).reshape(-1)
-            if len(self.labels) != len(self.points):
-                raise ValueError(f"{len(self.points)} points need as many labels, got {len(self.labels)}")
-
-    def describe(self) -> str:
-        parts = ["box"] if self.box is not None else []
-        if self.points is not None:
-            pos = int(self.labels.sum())
-            parts += [f"{pos} positive"] if pos else []
-            parts += [f"{len(self.labels) - pos} negative"] if len(self.labels) > pos else []
-        return " + ".join(parts)
 
 
 @dataclass

@@ -1,0 +1,219 @@
+"""Batch pre-annotation of a Label Studio project: every task's rough rectangles / keypoints ->
+brush masks, uploaded as predictions of the model's version.
+
+The translation is the backend's own: each task goes through ``StableSamBackend.predict`` with the
+task's stored regions as the prompt context (so a task's problems come back as a ``BadInput``
+message instead of an empty prediction), which decodes all prompts of an image in one decoder call
+per prompt shape and builds the brush results. Tasks without prompts can get SAM's automatic masks.
+
+- Resumable: a task that already has a prediction of this model version is skipped, so a second
+  run uploads nothing new and a stopped run picks up where it was.
+- A background thread lists the tasks page by page, downloads and decodes the next images and runs
+  the encoder on them, so the main thread (decoder, RLE, upload) does not wait on Label Studio.
+- One task's failure (image unreachable, bad region, upload refused) is recorded and reported at
+  the end; the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from stable_sam.preannotation.automatic import AutoConfig, automatic_masks
+from stable_sam.preannotation.readahead import ReadAhead
+
+from .errors import BadInput
+from .label_studio import LabelStudioUnavailable, project_tasks
+from .model import ParsedConfig, StableSamBackend, parse_label_config
+from .prompts import PROMPT_SOURCES, PromptGroup, result_regions
+
+log = logging.getLogger(__name__)
+
+SOURCES = {"any": PROMPT_SOURCES, "annotations": ("annotations",), "predictions": ("predictions",)}
+
+
+@dataclass
+class _Plan:
+    """What the read-ahead thread decided for a task: ``status`` done | no-prompts | todo."""
+
+    status: str
+    results: List[Dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+    image: Optional[np.ndarray] = None
+
+
+@dataclass
+class LabelStudioSummary:
+    """Counts by outcome, the failures (task id, message), and the rate of images pre-annotated."""
+
+    model_version: str
+    uploaded: int = 0  # predictions created
+    would_upload: int = 0  # dry run: predictions that would have been created
+    masks: int = 0
+    skipped_done: int = 0  # already had a prediction of this model version
+    no_prompts: int = 0  # nothing to prompt with (and no automatic mode)
+    empty: int = 0  # processed, but no mask came out (nothing uploaded)
+    processed: int = 0
+    seconds: float = 0.0
+    failed: List[Tuple[Any, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"model_version": self.model_version, "processed": self.processed, "uploaded": self.uploaded,
+                "would_upload": self.would_upload, "masks": self.masks, "skipped_done": self.skipped_done,
+                "no_prompts": self.no_prompts, "empty": self.empty, "failed": len(self.failed),
+                "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 3),
+                "failures": [{"task": t, "error": e} for t, e in self.failed]}
+
+
+def _auto_target(cfg: ParsedConfig, label: Optional[str]) -> Tuple[str, Any, str]:
+    """(image tag name, its brush control, the label automatic masks get)."""
+    to_name, brush = next(iter(cfg.brush_by_image.items()))
+    labels = list(brush.labels or [])
+    if label is not None:
+        if label not in labels:
+            raise BadInput(f"--auto-label {label!r} is not a label of brush control {brush.name!r} ({labels})")
+        return to_name, brush, label
+    if len(labels) != 1:
+        raise BadInput(f"brush control {brush.name!r} has labels {labels}: name the one automatic masks get "
+                       f"(--auto-label)")
+    return to_name, brush, labels[0]
+
+
+def _auto_prediction(model, plugin, version: str, image: np.ndarray, config: AutoConfig,
+                     target: Tuple[str, Any, str]) -> Dict[str, Any]:
+    """SAM's automatic masks (through ``plugin``; None: the model's own) as brush results, built by
+    the backend's own brush-result code."""
+    to_name, brush, label = target
+    h, w = image.shape[:2]
+    results = []
+    for k, found in enumerate(automatic_masks(model, image, config, plugin)):
+        group = PromptGroup(to_name, None, [tuple(found.point)], [1], label=label, source_ids=[f"auto{k}"])
+        pred = {"mask": found.mask, "score": found.predicted_iou, "stability": found.stability, "alpha": None}
+        res = StableSamBackend.brush_result(group, label, brush.name, to_name, pred, (w, h), (w, h))
+        where = f"automatic: grid point {found.point[0]:.0f}, {found.point[1]:.0f}"
+        res["stable_sam"]["prompt"] = where
+        res["meta"]["text"] = [f"Stable-SAM: predicted IoU {found.predicted_iou:.2f}, "
+                               f"stability {found.stability:.2f} ({where})"]
+        results.append(res)
+    score = float(np.mean([r["score"] for r in results])) if results else 0.0
+    return {"model_version": version, "score": round(score, 4), "result": results}
+
+
+def _error_text(e: Exception) -> str:
+    if isinstance(e, BadInput):
+        return e.message
+    code = getattr(e, "status_code", None)  # label-studio-sdk's ApiError
+    if code is not None:
+        return f"Label Studio answered HTTP {code}: {str(getattr(e, 'body', ''))[:300]}"
+    return f"{e.__class__.__name__}: {str(e)[:300]}"
+
+
+def run_label_studio(client, backend: StableSamBackend, project: int, view: Optional[int] = None,
+                     source: str = "any", auto: Optional[AutoConfig] = None, auto_label: Optional[str] = None,
+                     limit: Optional[int] = None, dry_run: bool = False, read_ahead: int = 4,
+                     progress: bool = True) -> LabelStudioSummary:
+    """Pre-annotate ``project`` (or its Data Manager tab ``view``) through ``client`` (an SDK client,
+    see ``backend.label_studio.connect``). ``source``: where prompts come from: ``any`` (newest
+    annotation with prompts, else newest prediction with prompts), ``annotations`` or
+    ``predictions``. ``auto``: tasks without prompts get SAM's automatic masks. ``limit``: at most
+    that many tasks pre-annotated (skipped tasks do not count). ``dry_run``: compute, upload nothing.
+    Raises ``LabelStudioUnavailable`` when the project cannot be read."""
+    if source not in SOURCES:
+        raise BadInput(f"source must be one of {sorted(SOURCES)}, got {source!r}")
+    if backend.settings.image_cache_items <= read_ahead:
+        log.warning("IMAGE_CACHE_ITEMS (%d) <= read-ahead (%d): images read ahead may be fetched twice",
+                    backend.settings.image_cache_items, read_ahead)
+    try:
+        label_config = client.projects.get(id=project).label_config
+    except Exception as e:  # the SDK's ApiError (404, 403) or a transport error
+        raise LabelStudioUnavailable(f"cannot read project {project}: {_error_text(e)}") from None
+    cfg = parse_label_config(label_config)
+    target = _auto_target(cfg, auto_label) if auto is not None else None
+    model = backend.model
+    # The project's plugin version (the backend serves each project its own adapted plugin): the
+    # version its predictions carry, so tasks done by it are skipped, and the plugin automatic
+    # masks run through.
+    serving = backend.serving(project)
+    version = f"{model.model_id}+plugin-{serving.version}"
+    plugin = backend.plugin_for(serving, model) if auto is not None else None
+    summary = LabelStudioSummary(version)
+    sources: Sequence[str] = SOURCES[source]
+
+    def image_of(task: Dict[str, Any], results: List[Dict[str, Any]]) -> np.ndarray:
+        names = [r.get("to_name") for r in results if isinstance(r, dict)] + list(cfg.brush_by_image)
+        to_name = next((n for n in names if n in cfg.image_keys), None)
+        if to_name is None:
+            raise BadInput(f"the label config's brush images {list(cfg.brush_by_image)} have no data key")
+        url = task["data"].get(cfg.image_keys[to_name])
+        image, _ = backend.images.load(url, task.get("id"))  # cached by URL: predict() finds it there
+        model.embed(image)  # ... and its embedding in the model's cache: the decoder never waits for it
+        return image
+
+    def plan(task: Dict[str, Any]) -> _Plan:
+        if any(isinstance(p, dict) and p.get("model_version") == version for p in task.get("predictions") or []):
+            return _Plan("done")
+        results, where = result_regions(task, sources)
+        if not results and auto is None:
+            return _Plan("no-prompts", source=where)
+        return _Plan("todo", results, where, image_of(task, results))
+
+    def listing() -> Iterator[Dict[str, Any]]:
+        try:
+            yield from project_tasks(client, project, view)
+        except Exception as e:  # the whole run stops: say why, without a traceback
+            raise LabelStudioUnavailable(f"listing the tasks of project {project}"
+                                         f"{f' view {view}' if view else ''} failed: {_error_text(e)}") from None
+
+    stage = ReadAhead(listing(), plan, depth=read_ahead, name="preannotate-tasks")
+    start = time.perf_counter()
+    try:
+        with tqdm(unit="img", desc="pre-annotating", disable=not progress) as bar:
+            for task, p, error in stage:
+                tid = task.get("id")
+                if error is None and p.status == "done":
+                    summary.skipped_done += 1
+                elif error is None and p.status == "no-prompts":
+                    summary.no_prompts += 1
+                    log.info("task %s: %s", tid, p.source)
+                else:
+                    if limit is not None and summary.processed >= limit:
+                        break
+                    summary.processed += 1
+                    try:
+                        if error is not None:
+                            raise error
+                        if p.results:
+                            pred = backend.predict([task], context={"result": p.results},
+                                                   label_config=label_config, project=project)[0]
+                        else:
+                            pred = _auto_prediction(model, plugin, version, p.image, auto, target)
+                        if not pred["result"]:
+                            summary.empty += 1
+                        elif dry_run:
+                            summary.would_upload += 1
+                        else:
+                            client.predictions.create(task=tid, result=pred["result"], score=pred["score"],
+                                                      model_version=pred["model_version"])
+                            summary.uploaded += 1
+                        summary.masks += len(pred["result"])
+                    except Exception as e:  # one task never stops the run; all are reported at the end
+                        if not isinstance(e, BadInput):
+                            log.warning("task %s failed", tid, exc_info=True)
+                        where = f" (prompts from {p.source})" if p is not None and p.source else ""
+                        summary.failed.append((tid, _error_text(e) + where))
+                    bar.update(1)
+                bar.set_postfix(skipped=summary.skipped_done, no_prompts=summary.no_prompts,
+                                failed=len(summary.failed), refresh=False)
+    finally:
+        stage.close()
+        summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,184 @@
+"""Benchmark: the offline pre-annotation job's throughput against the image encoder's own limit.
+
+A folder of synthetic scenes (PNG or JPEG) with a rough box per object (DN-DETR noise s = 0.2) in a
+COCO JSON is generated; then, on the same images and in the same process, each round measures:
+
+- the encoder alone: ``sam.image_encoder`` on each preprocessed image (nothing else timed), giving
+  ``encoder_limit_images_per_s`` = 1 / mean encoder seconds per image: no job can beat it;
+- the offline job as the CLI runs it (reader thread, encoder thread, decoder + RLE + journal in the
+  main thread), from the first read to the COCO JSON written, with an empty embedding cache;
+- the same job with no background threads (serial), to show what the overlap buys.
+
+Rounds rotate the order of the three; figures are medians over rounds. ``ratio`` =
+images_per_s / encoder_limit_images_per_s (target >= 0.9). The job's stage times (busy seconds of
+the read, encode and decode stages, and the decode stage's wait for the encoder) say where the
+time goes. The serial and threaded jobs must write byte-identical COCO files (checked).
+
+    python scripts/bench_preannotate.py [--images 40] [--rounds 3] [--threads 1] [--format png] [--json]
+
+Last line with --json: {"images_per_s", "encoder_limit_images_per_s", "ratio", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device  # noqa: E402
+from stable_sam.data.dataset import load_image  # noqa: E402
+from stable_sam.data.synthetic import SyntheticScenes  # noqa: E402
+from stable_sam.embedding_cache import EmbeddingCache  # noqa: E402
+from stable_sam.model import StableSam  # noqa: E402
+from stable_sam.modeling.plugin import StableSamPlugin  # noqa: E402
+from stable_sam.preannotation import items_from_coco, run_offline  # noqa: E402
+from stable_sam.prompts import noisy_box  # noqa: E402
+
+BENCH_SEED = 4242  # a split of its own: neither training nor held-out scenes
+
+
+def make_folder(folder: Path, n: int, fmt: str, noise: float, size: int, max_boxes: int) -> int:
+    """n synthetic scenes as image files + ``boxes.json`` (one rough box per object, at most
+    ``max_boxes`` per image); returns the number of boxes."""
+    scenes = SyntheticScenes(seed=BENCH_SEED, size=size)
+    rng = np.random.default_rng(BENCH_SEED)
+    images, anns = [], []
+    for i in range(n):
+        s = scenes[i]
+        name = f"scene{i:04d}.{'jpg' if fmt == 'jpeg' else 'png'}"
+        Image.fromarray(s.image).save(folder / name, **({"quality": 92} if fmt == "jpeg" else {}))
+        h, w = s.image.shape[:2]
+        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        for m in s.masks[:max_boxes]:
+            x0, y0, x1, y1 = (float(v) for v in noisy_box(m, noise, rng))
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    (folder / "boxes.json").write_text(json.dumps(coco))
+    return len(anns)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_encoder(model, paths) -> float:
+    """Mean seconds of the image encoder's forward per image (images read and preprocessed first)."""
+    inputs = [model.preprocess(load_image(p))[0] for p in paths]
+    total = 0.0
+    with torch.inference_mode():
+        for x in inputs:
+            sync(model.device)
+            t = time.perf_counter()
+            with model.encoder_autocast():
+                model.sam.image_encoder(x)
+            sync(model.device)
+            total += time.perf_counter() - t
+    return total / len(inputs)
+
+
+def time_job(model, work, out: Path, threaded: bool):
+    model.cache = EmbeddingCache(max_mb=1024)  # every image is encoded, as in a fresh run
+    summary = run_offline(model, work, out, read_ahead=4 if threaded else 0, encode_ahead=threaded,
+                          fresh=True, progress=False)
+    if summary.failed or summary.processed != len(work.items):
+        raise RuntimeError(f"the job failed on {summary.failed}")
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of every stage (and of the encoder alone); 0: torch's default")
+    ap.add_argument("--format", choices=("png", "jpeg"), default="png")
+    ap.add_argument("--noise", type=float, default=0.2, help="box noise scale s of the rough boxes")
+    ap.add_argument("--max-boxes", type=int, default=100,
+                    help="boxes per image at most (default: one per object, 2-6); the decoder runs once per box")
+    ap.add_argument("--size", type=int, default=256, help="long side of the generated images")
+    ap.add_argument("--model-type", choices=MODEL_TYPES, default="sam_tiny")
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SAM of --model-type with random weights (timing only: e.g. ViT-B on a GPU without "
+                         "its checkpoint; masks are meaningless, costs are real)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-preannotate-"))
+    folder = tmp / "images"
+    folder.mkdir()
+    boxes = make_folder(folder, args.images, args.format, args.noise, args.size, args.max_boxes)
+    work = items_from_coco(folder / "boxes.json", folder)
+    paths = [it.path for it in work.items]
+    if args.random_weights:
+        model = StableSam(build_sam(args.model_type, None), StableSamPlugin(), args.model_type,
+                          f"{args.model_type}-random", resolve_device(args.device))
+    else:
+        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device)
+    print(f"model {model.version} on {model.device}, {torch.get_num_threads()} torch thread(s) per stage; "
+          f"{args.images} {args.format.upper()} images, {boxes} rough boxes ({boxes / args.images:.2f} per image)")
+
+    # warm-up: first-call allocations, lazy inits, the OS file cache
+    time_encoder(model, paths[:3])
+    time_job(model, dataclasses.replace(work, items=work.items[:3]), tmp / "warm.json", threaded=True)
+
+    enc, threaded, serial, stages = [], [], [], []
+    outputs = {}
+    for r in range(args.rounds):
+        order = ["encoder", "threaded", "serial"]
+        order = order[r % 3:] + order[:r % 3]
+        for what in order:
+            if what == "encoder":
+                enc.append(time_encoder(model, paths))
+            else:
+                out = tmp / f"{what}.json"
+                s = time_job(model, work, out, threaded=what == "threaded")
+                (threaded if what == "threaded" else serial).append(s.images_per_s)
+                if what == "threaded":
+                    stages.append({k: v / s.processed for k, v in s.stage_s.items()})
+                outputs[what] = out.read_bytes()
+
+    enc_s = statistics.median(enc)
+    limit = 1.0 / enc_s
+    ips, ips_serial = statistics.median(threaded), statistics.median(serial)
+    stage_ms = {k: round(1e3 * statistics.median(st[k] for st in stages), 2) for k in stages[0]}
+    result = {
+        "images_per_s": round(ips, 3), "encoder_limit_images_per_s": round(limit, 3), "ratio": round(ips / limit, 3),
+        "serial_images_per_s": round(ips_serial, 3), "serial_ratio": round(ips_serial / limit, 3),
+        "encoder_ms": round(1e3 * enc_s, 2), "stage_ms_per_image": stage_ms,
+        # what the decode stage (decoder + RLE + journal, main thread) alone allows: the job's other bound
+        "decode_stage_limit_images_per_s": round(1e3 / stage_ms["decode_rle_write"], 3),
+        "boxes_per_image": round(boxes / args.images, 2), "images": args.images, "rounds": args.rounds,
+        "threads": torch.get_num_threads(), "device": str(model.device), "model": model.version,
+        "identical_output": outputs["threaded"] == outputs["serial"],
+    }
+    print(f"encoder alone:        {1e3 * enc_s:7.2f} ms/image -> limit {limit:6.2f} images/s")
+    print(f"offline job, threads: {ips:7.2f} images/s  ratio {result['ratio']:.3f} (target >= 0.9)")
+    print(f"offline job, serial:  {ips_serial:7.2f} images/s  ratio {result['serial_ratio']:.3f}")
+    print(f"decode stage alone allows {result['decode_stage_limit_images_per_s']:.2f} images/s")
+    print("job stages, ms per image (busy time; 'waited_for_encoder' = decode stage idle): "
+          + ", ".join(f"{k} {v}" for k, v in stage_ms.items()))
+    print(f"threaded and serial outputs byte-identical: {result['identical_output']}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
