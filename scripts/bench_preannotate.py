@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +44,7 @@ from stable_sam.data.synthetic import SyntheticScenes  # noqa: E402
 from stable_sam.embedding_cache import EmbeddingCache  # noqa: E402
 from stable_sam.model import StableSam  # noqa: E402
 from stable_sam.modeling.plugin import StableSamPlugin  # noqa: E402
-from stable_sam.preannotation import items_from_coco, run_offline  # noqa: E402
+from stable_sam.preannotation import WorkList, items_from_coco, run_offline  # noqa: E402
 from stable_sam.prompts import noisy_box  # noqa: E402
 
 BENCH_SEED = 4242  # a split of its own: neither training nor held-out scenes
@@ -99,17 +100,32 @@ def time_job(model, work, out: Path, threaded: bool):
     return summary
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads of every stage (and of the encoder alone); 0: torch's default")
+def add_folder_args(ap: argparse.ArgumentParser, images: int) -> None:
+    """The generated folder's options (``generated_work``), shared with ``bench_ray.py``."""
+    ap.add_argument("--images", type=int, default=images)
     ap.add_argument("--format", choices=("png", "jpeg"), default="png")
     ap.add_argument("--noise", type=float, default=0.2, help="box noise scale s of the rough boxes")
     ap.add_argument("--max-boxes", type=int, default=100,
                     help="boxes per image at most (default: one per object, 2-6); the decoder runs once per box")
     ap.add_argument("--size", type=int, default=256, help="long side of the generated images")
+
+
+def generated_work(args: argparse.Namespace, prefix: str) -> Tuple[Path, WorkList, int]:
+    """A new temporary folder with the scenes ``args`` ask for: (the folder, its work list, the
+    number of boxes); the images are in ``<folder>/images``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    folder = tmp / "images"
+    folder.mkdir()
+    boxes = make_folder(folder, args.images, args.format, args.noise, args.size, args.max_boxes)
+    return tmp, items_from_coco(folder / "boxes.json", folder), boxes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_folder_args(ap, images=40)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of every stage (and of the encoder alone); 0: torch's default")
     ap.add_argument("--model-type", choices=MODEL_TYPES, default="sam_tiny")
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--random-weights", action="store_true",
@@ -121,11 +137,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-preannotate-"))
-    folder = tmp / "images"
-    folder.mkdir()
-    boxes = make_folder(folder, args.images, args.format, args.noise, args.size, args.max_boxes)
-    work = items_from_coco(folder / "boxes.json", folder)
+    tmp, work, boxes = generated_work(args, "bench-preannotate-")
     paths = [it.path for it in work.items]
     if args.random_weights:
         model = StableSam(build_sam(args.model_type, None), StableSamPlugin(), args.model_type,

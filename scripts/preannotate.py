@@ -15,6 +15,12 @@ is missing (the journal is ``<out>.journal.jsonl``):
     python scripts/preannotate.py offline --images imgs/ --csv prompts.csv --out masks.json
     python scripts/preannotate.py offline --images imgs/ --out masks.json      # no prompts: automatic masks
 
+On a Ray cluster (``pip install -r requirements-ray.txt``): the same job, its shards on one Ray
+worker per GPU (else per CPU); the same output and journal, so either way resumes the other:
+
+    python scripts/preannotate.py offline --ray-address auto|host:6379|ray://host:10001|local \
+        --images imgs/ --coco boxes.json --out masks.json [--workers N] [--shard-size 16]
+
 CSV columns: image, x0, y0, x1, y1 (a box) and / or x, y (a point), positive (1/0), label, object
 (rows of one image with the same object value make one prompt). ``--auto``: images / tasks without
 prompts get SAM's automatic masks (grid of points, stability filter, NMS).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -46,6 +53,7 @@ from stable_sam.data.dataset import DatasetError  # noqa: E402
 from stable_sam.download import CheckpointError  # noqa: E402
 from stable_sam.preannotation import (AutoConfig, InputError, items_from_coco, items_from_csv,  # noqa: E402
                                       items_from_folder, run_offline)
+from stable_sam.settings import ModelSettings  # noqa: E402
 
 EXPECTED = (BadInput, SettingsError, CheckpointError, InputError, DatasetError)
 
@@ -88,6 +96,10 @@ def cmd_offline(args) -> int:
         args.auto = True  # a bare folder has no prompts: automatic masks are the only kind
     settings = _settings(args)
     auto = _auto(args, settings.sam_model_type)
+    if args.ray_address:
+        return _offline_on_ray(args, work, settings, auto)
+    if args.workers is not None:
+        raise InputError("--workers needs --ray-address (without it the job runs in this process)")
     model = build_from_settings(settings)
     print(f"{model.version} on {model.device}: {len(work.items)} images from {work.source}", file=sys.stderr)
     summary = run_offline(model, work, args.out, png_dir=args.png_dir, auto=auto,
@@ -99,6 +111,30 @@ def cmd_offline(args) -> int:
     _print_failures(summary.failed, "images")
     if args.json:
         print(json.dumps(dict(summary.to_json(), model_version=model.version)))
+    return 1 if summary.failed else 0
+
+
+def _offline_on_ray(args, work, settings: BackendSettings, auto) -> int:
+    """The offline job on the Ray cluster at --ray-address; Ray is imported only here."""
+    from stable_sam.preannotation.ray_job import connect, run_offline_ray
+
+    connect_s = connect(args.ray_address)
+    device = settings.device.strip().lower()
+    # the workers get the model's settings only: no Label Studio key or password goes to the cluster
+    model_settings = ModelSettings(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings)})
+    summary = run_offline_ray(
+        functools.partial(build_from_settings, model_settings), work, args.out, png_dir=args.png_dir, auto=auto,
+        auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh, workers=args.workers,
+        shard_size=args.shard_size, cpus_per_worker=args.cpus_per_worker,
+        use_gpu=False if device == "cpu" else True if device.startswith("cuda") else None, threads=args.threads,
+        read_ahead=args.read_ahead, encode_ahead=not args.no_encode_ahead, progress=not args.no_progress)
+    print(f"{summary.model_version} on {summary.workers} Ray worker(s) ({summary.device}; connected in "
+          f"{connect_s:.1f} s, models loaded in {summary.startup_s:.1f} s): {summary.processed} images pre-annotated "
+          f"now ({summary.already_done} by an earlier run), {summary.objects} masks in {summary.output}; "
+          f"{summary.images_per_s:.2f} images/s; {summary.retried_shards} shard(s) retried", file=sys.stderr)
+    _print_failures(summary.failed, "images")
+    if args.json:
+        print(json.dumps(dict(summary.to_json(), connect_s=round(connect_s, 3))))
     return 1 if summary.failed else 0
 
 
@@ -174,6 +210,13 @@ def parser() -> argparse.ArgumentParser:
     off.add_argument("--png-dir", type=Path, default=None, help="also write <stem>_mask_<k>.png per mask here")
     off.add_argument("--fresh", action="store_true", help="ignore the journal of an earlier run; start over")
     off.add_argument("--no-encode-ahead", action="store_true", help="encode in the decoding thread")
+    ray = off.add_argument_group("on a Ray cluster (needs requirements-ray.txt)")
+    ray.add_argument("--ray-address", default=None,
+                     help="auto, host:port, ray://host:port, or local (a cluster of this machine, started here)")
+    ray.add_argument("--workers", type=int, default=None,
+                     help="Ray workers, each with its own model (default: one per GPU, else per --cpus-per-worker)")
+    ray.add_argument("--shard-size", type=int, default=16, help="images per shard sent to a worker")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray worker reserves")
     off.set_defaults(run=cmd_offline)
     return ap
 

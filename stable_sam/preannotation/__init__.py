@@ -12,9 +12,11 @@ state and their output does not depend on the order images finish in):
   Stable-SAM, for images without prompts.
 - ``output``: per-image records -> the final COCO JSON, merged in input order (annotation ids from
   that order, never from completion order), written atomically; optional PNG masks.
-- ``journal``: the single-machine run's JSON-lines journal, so a restarted run skips finished images.
+- ``journal``: the JSON-lines journal of a run (single-machine or Ray), so a restart skips finished images.
 - ``readahead``: background stages (read, encode) so the encoder never waits on I/O.
-- ``offline``: the single-machine offline job over all of these.
+- ``offline``: the single-machine offline job over all of these (its stages: ``ImagePipeline``).
+- ``ray_job``: the same job on a Ray cluster, shards on one worker per GPU / CPU slot; imports Ray
+  only when it runs (not exported here: the single-machine path never loads it).
 """
 
 from .automatic import AutoConfig, automatic_masks

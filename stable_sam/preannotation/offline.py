@@ -5,6 +5,7 @@ thread runs the image encoder on them (``encode_ahead``), and the calling thread
 image's prompts (one decoder call per prompt shape), encodes the masks as RLE, writes PNGs and
 appends the record to the journal. The output is rewritten atomically from the journal at the end
 of every run, complete or not; a restart with the same arguments does only what is missing.
+The three stages are ``ImagePipeline``, which each Ray worker (``on_ray``) runs on its shards too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -67,11 +68,83 @@ def journal_path(output: Path) -> Path:
     return Path(output).with_name(Path(output).name + ".journal.jsonl")
 
 
-def run_key(model: StableSam, work: WorkList, auto: Optional[AutoConfig], png_dir: Optional[Path]) -> str:
+def run_key(model_version: str, work: WorkList, auto: Optional[AutoConfig], png_dir: Optional[Path]) -> str:
     """What a journal must match to be resumed: model, inputs, and the options that change outputs."""
-    spec = {"model": model.version, "work": work.fingerprint(), "auto": auto.to_json() if auto else None,
+    spec = {"model": model_version, "work": work.fingerprint(), "auto": auto.to_json() if auto else None,
             "png_dir": str(Path(png_dir).resolve()) if png_dir else None}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_work(work: WorkList, auto: Optional[AutoConfig], auto_label: str) -> Tuple[WorkList, int]:
+    """The work list with the automatic masks' category added (when ``auto``), and that category's id."""
+    if auto is None:
+        return work, 0
+    auto_category, work = work.category_for(auto_label)
+    return work, auto_category
+
+
+def output_info(model_version: str, auto: Optional[AutoConfig]) -> Dict[str, Any]:
+    """The COCO file's ``info``: what made it, so any run of the same job writes the same bytes."""
+    return {"description": "Stable-SAM pre-annotation", "model_version": model_version,
+            "auto": auto.to_json() if auto else None}
+
+
+def failure_message(item: WorkItem, e: BaseException) -> str:
+    """The one-line reason an image failed; unexpected errors also get their traceback logged."""
+    if isinstance(e, EXPECTED_ERRORS):
+        return str(e)
+    log.error("image %s failed", item.file_name, exc_info=e)
+    return f"{e.__class__.__name__}: {e}"
+
+
+class ImagePipeline:
+    """read -> encode -> annotate (and PNGs) over ``items``, the stages overlapped: iterating gives
+    ``(item, record, None)`` for a finished image and ``(item, None, reason)`` for a failed one, in
+    item order. One bad image never stops it. The single-machine job and each Ray worker run this.
+    ``read_ahead=0``: no background threads (the serial baseline); ``encode_ahead=False``: encode in
+    the iterating thread. ``stage_s``: busy seconds of each stage and the wait for the encoder."""
+
+    def __init__(self, model: StableSam, items: Sequence[WorkItem], auto: Optional[AutoConfig] = None,
+                 auto_category: int = 0, png_dir: Optional[Path] = None, read_ahead: int = 4,
+                 encode_ahead: bool = True) -> None:
+        self.model, self.auto, self.auto_category, self.png_dir = model, auto, auto_category, png_dir
+        self.reader = ReadAhead(items, self._read, depth=read_ahead, name="preannotate-read")
+        self.encoder = ReadAhead(self.reader, self._encode, depth=2 if read_ahead and encode_ahead else 0,
+                                 name="preannotate-encode")
+        self.work_s = 0.0
+
+    def _read(self, item: WorkItem) -> np.ndarray:
+        return load_image(item.path)
+
+    def _encode(self, step: Tuple[WorkItem, Optional[np.ndarray], Optional[BaseException]]) -> Optional[ImageEmbedding]:
+        item, image, error = step
+        if error is not None:
+            raise error
+        # images without prompts need the encoder only in automatic mode
+        return self.model.embed(image) if item.objects or self.auto is not None else None
+
+    def __iter__(self) -> Iterator[Tuple[WorkItem, Optional[Dict[str, Any]], Optional[str]]]:
+        for (item, image, _), emb, error in self.encoder:
+            t = time.perf_counter()
+            try:
+                if error is not None:
+                    raise error
+                result = annotate_image(self.model, item, image, self.auto, self.auto_category, embedding=emb)
+                if self.png_dir is not None:  # before the record is handed on: a journaled image has its PNGs
+                    write_mask_pngs(self.png_dir, item.file_name, result.masks)
+                outcome: Tuple[WorkItem, Optional[Dict[str, Any]], Optional[str]] = (item, result.record, None)
+            except Exception as e:  # one bad image never stops the job; reported at the end
+                outcome = (item, None, failure_message(item, e))
+            self.work_s += time.perf_counter() - t
+            yield outcome
+
+    @property
+    def stage_s(self) -> Dict[str, float]:
+        return {"read": self.reader.busy_s, "encode": self.encoder.busy_s, "decode_rle_write": self.work_s,
+                "waited_for_encoder": self.encoder.waited_s}
+
+    def close(self) -> None:
+        self.encoder.close()
 
 
 def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optional[Path] = None,
@@ -84,62 +157,37 @@ def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optiona
     threads at all (the serial baseline of the benchmark); ``encode_ahead=False``: encode in the
     calling thread."""
     output = Path(output)
-    auto_category = 0
-    if auto is not None:
-        auto_category, work = work.category_for(auto_label)
-    journal = Journal(journal_path(output), run_key(model, work, auto, png_dir), fresh=fresh)
+    work, auto_category = prepare_work(work, auto, auto_label)
+    journal = Journal(journal_path(output), run_key(model.version, work, auto, png_dir), fresh=fresh)
     already = sum(1 for it in work.items if it.image_id in journal.records)
     todo = [it for it in work.items if it.image_id not in journal.records]
     if limit is not None:
         todo = todo[:max(limit, 0)]
 
-    def needs_model(item: WorkItem) -> bool:
-        return bool(item.objects) or auto is not None
-
-    def read(item: WorkItem) -> np.ndarray:
-        return load_image(item.path)
-
-    def encode(step: Tuple[WorkItem, Optional[np.ndarray], Optional[BaseException]]) -> Optional[ImageEmbedding]:
-        item, image, error = step
-        if error is not None:
-            raise error
-        return model.embed(image) if needs_model(item) else None
-
-    reader = ReadAhead(todo, read, depth=read_ahead, name="preannotate-read")
-    encoder = ReadAhead(reader, encode, depth=2 if read_ahead and encode_ahead else 0, name="preannotate-encode")
+    pipeline = ImagePipeline(model, todo, auto, auto_category, png_dir, read_ahead, encode_ahead)
     failed: List[Tuple[str, str]] = []
     processed = 0
-    work_s = 0.0
+    journal_s = 0.0
     start = time.perf_counter()
     try:
         with tqdm(total=len(todo), unit="img", desc="pre-annotating", disable=not progress, smoothing=0.1) as bar:
-            for (item, image, _), emb, error in encoder:
-                t = time.perf_counter()
-                try:
-                    if error is not None:
-                        raise error
-                    result = annotate_image(model, item, image, auto, auto_category, embedding=emb)
-                    if png_dir is not None:
-                        write_mask_pngs(png_dir, item.file_name, result.masks)
-                    journal.append(result.record)
+            for item, record, error in pipeline:
+                if record is not None:
+                    t = time.perf_counter()
+                    journal.append(record)
+                    journal_s += time.perf_counter() - t
                     processed += 1
-                except Exception as e:  # one bad image never stops the job; reported at the end
-                    message = str(e) if isinstance(e, EXPECTED_ERRORS) else f"{e.__class__.__name__}: {e}"
-                    if not isinstance(e, EXPECTED_ERRORS):
-                        log.exception("image %s failed", item.file_name)
-                    failed.append((item.file_name, message))
+                else:
+                    failed.append((item.file_name, error or ""))
                     bar.set_postfix(failed=len(failed))
-                work_s += time.perf_counter() - t
                 bar.update(1)
     finally:
-        encoder.close()
+        pipeline.close()
         journal.close()
-    info = {"description": "Stable-SAM pre-annotation", "model_version": model.version,
-            "auto": auto.to_json() if auto else None}
-    coco = build_coco(work, journal.records, info)
+    coco = build_coco(work, journal.records, output_info(model.version, auto))
     write_json_atomic(output, coco)
     seconds = time.perf_counter() - start
-    stages = {"read": reader.busy_s, "encode": encoder.busy_s, "decode_rle_write": work_s,
-              "waited_for_encoder": encoder.waited_s}
+    stages = pipeline.stage_s
+    stages["decode_rle_write"] += journal_s
     return OfflineSummary(output, len(work.items), already, processed, len(coco["annotations"]), seconds, failed,
                           stages)

@@ -1,0 +1,407 @@
+"""The offline pre-annotation job on a Ray cluster: shards of the work list on a pool of Ray actors.
+
+The driver (the process that runs ``scripts/preannotate.py``) owns the work list, the journal and
+the output, exactly as the single-machine job does (``offline``): same journal file, same run key,
+so either path resumes the other's run. What is missing is cut into shards of ``shard_size`` items
+in input order and dispatched to actors, one per GPU (else one per ``cpus_per_worker`` CPUs). Each
+actor loads the model once and runs the single-machine ``ImagePipeline`` on its shard (the next
+images are read and encoded while the decoder works on this one), writes the shard's PNG masks, and
+returns the shard's records; the driver appends them to the journal and, at the end, merges
+everything with ``build_coco`` in input order: the same bytes as the single-machine job.
+
+Faults: an actor that dies (killed, out of memory, its node lost) is restarted by Ray
+(``max_restarts``); the shards it held fail on the driver with ``RayActorError`` and are queued
+again. A shard's records reach the journal only when the whole shard came back, and each shard
+comes back once, so no image is recorded twice; a shard whose worker died ``max_attempts`` times
+while running it is reported as failed (a rerun tries it again). The driver dying loses at most the shards in flight:
+a restart with the same arguments does only what the journal lacks.
+
+Why actors and not Ray Data's ``map_batches``: with an actor pool holding every CPU of a small
+cluster, Ray Data's streaming executor kept the read stage waiting for a CPU forever (on a 2-CPU
+cluster, ``ActorPoolStrategy(size=2)`` never made progress); the resume and exactly-once rules
+also need the driver to see whole shards, which plain actors give directly. Reading stays
+pipelined ahead of the encoder inside each actor, by the same stages the single-machine job uses.
+
+Ray is imported only here, and only when a function of this module runs: the single-machine path
+never loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, Generic, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
+
+from tqdm import tqdm
+
+from ..model import StableSam
+from ..settings import REPO_ROOT
+from .automatic import AutoConfig
+from .items import DEFAULT_LABEL, InputError, WorkItem, WorkList
+from .journal import Journal
+from .offline import (ImagePipeline, OfflineSummary, journal_path, output_info, prepare_work, run_key)
+from .output import build_coco, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Ray actor names: worker i is ``ACTOR_NAME.format(i)`` in the driver's namespace (tests and
+# operators find a worker by it, e.g. ``ray.get_actor(ACTOR_NAME.format(0))``).
+ACTOR_NAME = "stable-sam-preannotate-{}"
+IN_FLIGHT = 2  # shards queued per actor: the next shard is there when one ends (no driver round trip)
+GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's default ports for "host" and "ray://host"
+
+T = TypeVar("T")
+ModelFactory = Callable[..., StableSam]  # called as factory(device="cpu" | "cuda") in each worker
+
+
+class RayUnavailable(InputError):
+    """Ray is not installed, the cluster cannot be reached, or it cannot run the workers asked for."""
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable("--ray-address needs Ray: pip install -r requirements-ray.txt") from None
+    return ray
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """A TCP connect to the cluster's port first: ``ray.init`` retries an unreachable address for
+    minutes before it fails."""
+    if address == "auto":  # found through the local node's files; ray.init fails at once without one
+        return
+    client = address.startswith("ray://")
+    hostport = address[len("ray://"):] if client else address
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    try:
+        socket.create_connection((host, int(port or (CLIENT_PORT if client else GCS_PORT))), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def connect(address: str, timeout_s: float = 10.0) -> float:
+    """Connect this process to the Ray cluster at ``address`` (``auto``, ``host:port``,
+    ``ray://host:port``; ``local``: start a cluster of this machine's CPUs / GPUs here). Returns
+    the seconds it took; a process already connected stays on its cluster. Raises
+    ``RayUnavailable`` with the reason."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return 0.0
+    start = time.perf_counter()
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False)
+        else:
+            _check_reachable(address, timeout_s)
+            ray.init(address=address)
+    except RayUnavailable:
+        raise
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        raise RayUnavailable(f"cannot connect to the Ray cluster at {address}: {e}") from None
+    return time.perf_counter() - start
+
+
+@dataclass
+class ShardResult:
+    """What a worker sends back for one shard: ``records`` of the images done, ``failed``
+    (image id, reason) of the others, its stages' busy seconds."""
+
+    records: List[Dict[str, Any]]
+    failed: List[Tuple[int, str]]
+    stage_s: Dict[str, float]
+
+
+class ShardWorker:
+    """One Ray actor (``ray.remote`` is applied when the job starts, so this module needs no Ray
+    to import): the model, loaded once per process; ``run`` pre-annotates a shard."""
+
+    def __init__(self, index: int, factory: ModelFactory, device: str, threads: int, auto: Optional[AutoConfig],
+                 auto_category: int, png_dir: Optional[Path], read_ahead: int, encode_ahead: bool) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.index = index
+        self.model = factory(device=device)
+        self.options = dict(auto=auto, auto_category=auto_category, png_dir=png_dir, read_ahead=read_ahead,
+                            encode_ahead=encode_ahead)
+
+    def describe(self) -> Dict[str, Any]:
+        """Ready (the model is loaded): its version, device and where it runs."""
+        return {"worker": self.index, "version": self.model.version, "device": str(self.model.device),
+                "host": socket.gethostname(), "pid": os.getpid()}
+
+    def run(self, shard: Sequence[WorkItem]) -> ShardResult:
+        pipeline = ImagePipeline(self.model, shard, **self.options)
+        records: List[Dict[str, Any]] = []
+        failed: List[Tuple[int, str]] = []
+        try:
+            for item, record, error in pipeline:
+                if record is not None:
+                    records.append(record)
+                else:
+                    failed.append((item.image_id, error or ""))
+        finally:
+            pipeline.close()
+        return ShardResult(records, failed, pipeline.stage_s)
+
+
+@dataclass
+class RaySummary(OfflineSummary):
+    """``OfflineSummary`` plus the cluster's part. ``seconds`` runs from the first shard sent (every
+    worker's model loaded) to the output written; ``startup_s``: starting the workers and loading
+    their models; ``retried_shards``: shards sent again after their worker died; ``lost_workers``:
+    workers that died for good; ``by_worker``: images each worker did."""
+
+    model_version: str = ""
+    workers: int = 0
+    shard_size: int = 0
+    device: str = ""
+    startup_s: float = 0.0
+    retried_shards: int = 0
+    lost_workers: int = 0
+    by_worker: Dict[int, int] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return dict(super().to_json(), model_version=self.model_version, ray={
+            "workers": self.workers, "shard_size": self.shard_size, "device": self.device,
+            "startup_s": round(self.startup_s, 3), "retried_shards": self.retried_shards,
+            "lost_workers": self.lost_workers, "by_worker": {str(k): v for k, v in sorted(self.by_worker.items())}})
+
+
+def _last_line(e: BaseException) -> str:
+    """The cause of a Ray error in one line (Ray's text ends with the remote traceback's last line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else e.__class__.__name__
+
+
+def _plan_workers(ray, workers: Optional[int], cpus_per_worker: float, use_gpu: Optional[bool]) -> Tuple[int, bool]:
+    """(number of workers, on GPUs?): one per GPU of the cluster, else one per ``cpus_per_worker``
+    CPUs; refused when the cluster cannot hold that many at once (they would wait forever)."""
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if use_gpu and gpus == 0:
+        raise RayUnavailable("GPU workers asked for, but the Ray cluster has no GPU")
+    if workers is None:
+        workers = gpus if use_gpu else int(cpus // cpus_per_worker)
+    if workers < 1 or workers * cpus_per_worker > cpus or (use_gpu and workers > gpus):
+        raise RayUnavailable(f"{workers} worker(s) of {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} each "
+                             f"do not fit the Ray cluster ({cpus:g} CPUs, {gpus} GPUs)")
+    return workers, use_gpu
+
+
+def start_workers(ray, cls: type, args_of: Callable[[int], Tuple[Any, ...]], workers: int, cpus_per_worker: float,
+                  use_gpu: bool, max_restarts: int) -> Tuple[List[Any], List[Dict[str, Any]]]:
+    """``workers`` Ray actors of ``cls`` (``cls(*args_of(i))``), named ``ACTOR_NAME``, restarted by
+    Ray up to ``max_restarts`` times; returns them once every one answered ``describe()`` (its
+    model loaded), and what they answered. Raises ``RayUnavailable`` with the cause when one
+    cannot start (the actors are stopped then)."""
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    options = dict(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=max_restarts,
+                   # the workers import this package from where the driver has it
+                   runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    remote_cls = ray.remote(cls)
+    actors = [remote_cls.options(name=ACTOR_NAME.format(i), **options).remote(*args_of(i)) for i in range(workers)]
+    try:
+        described = ray.get([a.describe.remote() for a in actors])
+    except ray.exceptions.RayError as e:
+        stop_workers(ray, actors)
+        raise RayUnavailable(f"the Ray workers could not load the model: {_last_line(e)}") from None
+    if len({d["version"] for d in described}) != 1:
+        stop_workers(ray, actors)
+        raise RayUnavailable(f"the Ray workers loaded different models {sorted({d['version'] for d in described})}: "
+                             f"every node needs the same checkpoints")
+    return actors, described
+
+
+def stop_workers(ray, actors: Sequence[Any]) -> None:
+    """Kill the actors for good: the cluster's CPUs / GPUs go back at once, whatever happened."""
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception as e:  # e.g. the connection to the cluster is gone: its actors go with it
+            log.warning("could not stop a Ray worker: %s", e)
+
+
+class ShardPool(Generic[T]):
+    """Shards over Ray actors, ``IN_FLIGHT`` shards deep per actor, each shard ``actor.run(shard)``.
+    ``run`` yields ``(worker, shard, result, None)`` for every shard that came back and
+    ``(worker, shard, None, reason)`` for one given up: its worker's code raised, its worker died
+    ``max_attempts`` times while running it, or no worker is left. A shard whose worker died
+    (``RayActorError``: killed, out of memory, node lost) goes back to the front of the queue; only
+    the shard the worker was running counts the death (the ones queued behind it are innocent), so
+    a poison image ends its own shard, not its neighbours'. The worker gets a cheap ``describe()``
+    call that tells restarted (it answers, and gets shards again) from dead for good (dropped).
+    Every shard is yielded exactly once."""
+
+    def __init__(self, ray, actors: Sequence[Any], max_attempts: int = 3) -> None:
+        self.ray, self.actors, self.max_attempts = ray, list(actors), max_attempts
+        self.retried = 0  # shards sent again after their worker died
+        self.lost_workers = 0  # workers dead for good
+
+    def run(self, shards: Sequence[List[T]]) -> Iterator[Tuple[int, List[T], Any, Optional[str]]]:
+        from ray.exceptions import ActorDiedError, RayError, RayTaskError
+
+        ray, actors = self.ray, self.actors
+        queue: Deque[Tuple[List[T], int]] = deque((shard, 0) for shard in shards)  # (shard, deaths so far)
+        pending: Dict[Any, Tuple[int, Optional[Tuple[List[T], int]]]] = {}  # ref -> (worker, shard | None: probe)
+        in_flight: List[List[Any]] = [[] for _ in actors]  # refs per worker, in the order it runs them
+        blamed: Dict[int, Any] = {}  # a worker that died -> the ref it was running then; no shards meanwhile
+        back: Set[int] = set()  # workers that died and answered their probe (restarted)
+        retired: Set[int] = set()  # dead for good
+
+        def probe(w: int) -> None:
+            pending[actors[w].describe.remote()] = (w, None)
+
+        def running(refs: List[Any]) -> Any:
+            """The shard a dead worker was running: it runs them in the order sent, so the oldest
+            of its shards that did not come back fine (results may wait unread in ``pending``)."""
+            for r in refs:
+                if not ray.wait([r], timeout=0)[0]:
+                    return r
+                try:
+                    ray.get(r)
+                except RayError:
+                    return r
+            return refs[0]
+
+        def done(w: int, ref: Any) -> None:
+            in_flight[w].remove(ref)
+            if w in back and not in_flight[w]:  # restarted, and all it held before is accounted for
+                back.discard(w)
+                del blamed[w]
+
+        while queue or any(in_flight):  # a probe alone does not keep the job waiting
+            for w in range(len(actors)):
+                while queue and w not in blamed and w not in retired and len(in_flight[w]) < IN_FLIGHT:
+                    shard = queue.popleft()
+                    ref = actors[w].run.remote(shard[0])
+                    pending[ref] = (w, shard)
+                    in_flight[w].append(ref)
+            if not pending:  # shards left, no worker left
+                while queue:
+                    yield -1, queue.popleft()[0], None, "no Ray worker left (all died): rerun to continue"
+                return
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            w, sent = pending.pop(ref)
+            if sent is None:  # a probe: the worker is back, dead for good, or still restarting
+                try:
+                    ray.get(ref)
+                except ActorDiedError as e:
+                    retired.add(w)
+                    self.lost_workers += 1
+                    log.warning("Ray worker %d is gone: %s", w, _last_line(e))
+                except RayError:
+                    probe(w)
+                else:
+                    back.add(w)
+                    if not in_flight[w]:
+                        back.discard(w)
+                        del blamed[w]
+                continue
+            try:
+                result = ray.get(ref)
+            except RayTaskError as e:  # the worker's code raised: a bug, not a death; not retried
+                done(w, ref)
+                yield w, sent[0], None, f"Ray worker {w}: {_last_line(e)}"
+                continue
+            except RayError as e:  # the worker died (or its node)
+                if w not in blamed:  # the first news of this death
+                    blamed[w] = running(in_flight[w])
+                    probe(w)
+                shard, deaths = sent
+                deaths += ref == blamed[w]
+                done(w, ref)
+                log.warning("Ray worker %d died with a shard of %d in hand: %s", w, len(shard), _last_line(e))
+                if deaths >= self.max_attempts:
+                    yield w, shard, None, (f"its Ray worker died {deaths} times running this shard "
+                                           f"(out of memory?): rerun to retry")
+                else:
+                    queue.appendleft((shard, deaths))
+                    self.retried += 1
+                continue
+            done(w, ref)
+            yield w, sent[0], result, None
+
+
+def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, png_dir: Optional[Path] = None,
+                    auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
+                    fresh: bool = False, workers: Optional[int] = None, shard_size: int = 16,
+                    cpus_per_worker: float = 1.0, use_gpu: Optional[bool] = None, threads: int = 0,
+                    read_ahead: int = 4, encode_ahead: bool = True, max_attempts: int = 3,
+                    progress: bool = True) -> RaySummary:
+    """``run_offline`` on the Ray cluster this process is connected to (``connect``): the same
+    output, byte for byte, and the same journal. ``model_factory(device=...)`` builds the model in
+    each worker (picklable, e.g. ``functools.partial(build_from_settings, settings)``); ``workers``:
+    default one per GPU, else one per ``cpus_per_worker`` CPUs; ``use_gpu``: default when the
+    cluster has GPUs; ``threads``: torch threads per CPU worker (default ``cpus_per_worker``);
+    ``max_attempts``: a shard is given up (reported failed) after its worker died that often.
+    The code and the image folder must be at the same paths on every node (PNG masks are written
+    by the workers)."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        raise RayUnavailable("not connected to a Ray cluster (stable_sam.preannotation.ray_job.connect)")
+    if shard_size < 1 or max_attempts < 1:
+        raise InputError(f"shard size and attempts must be >= 1, got {shard_size}, {max_attempts}")
+    output = Path(output)
+    png_dir = Path(png_dir).absolute() if png_dir is not None else None  # workers may run elsewhere
+    workers, use_gpu = _plan_workers(ray, workers, cpus_per_worker, use_gpu)
+    work, auto_category = prepare_work(work, auto, auto_label)
+    device = "cuda" if use_gpu else "cpu"
+    cpu_threads = 0 if use_gpu else threads or max(1, int(cpus_per_worker))
+
+    start = time.perf_counter()
+    actors, described = start_workers(
+        ray, ShardWorker, lambda i: (i, model_factory, device, cpu_threads, auto, auto_category, png_dir, read_ahead,
+                                     encode_ahead), workers, cpus_per_worker, use_gpu, max_restarts=max_attempts)
+    try:
+        version = described[0]["version"]
+        summary = RaySummary(output, len(work.items), 0, 0, 0, 0.0, model_version=version, workers=workers,
+                             shard_size=shard_size, device=device, startup_s=time.perf_counter() - start)
+        log.info("%d Ray worker(s) ready in %.1f s: %s", workers, summary.startup_s, described)
+        journal = Journal(journal_path(output), run_key(version, work, auto, png_dir), fresh=fresh)
+        summary.already_done = sum(1 for it in work.items if it.image_id in journal.records)
+        todo = [dataclasses.replace(it, path=Path(it.path).absolute())  # workers may run elsewhere
+                for it in work.items if it.image_id not in journal.records]
+        if limit is not None:
+            todo = todo[:max(limit, 0)]
+        pool: ShardPool[WorkItem] = ShardPool(ray, actors, max_attempts)
+        failed: Dict[int, str] = {}
+        run_start = time.perf_counter()
+        try:
+            with tqdm(total=len(todo), unit="img", desc=f"pre-annotating on {workers} Ray worker(s)",
+                      disable=not progress, smoothing=0.1) as bar:
+                for w, shard, result, reason in pool.run([todo[i:i + shard_size]
+                                                          for i in range(0, len(todo), shard_size)]):
+                    if result is None:
+                        failed.update((it.image_id, reason or "") for it in shard)
+                    else:
+                        for record in result.records:  # flushed line by line: a killed driver keeps them
+                            journal.append(record)
+                        failed.update(result.failed)
+                        for k, v in result.stage_s.items():
+                            summary.stage_s[k] = summary.stage_s.get(k, 0.0) + v
+                        summary.processed += len(result.records)
+                        summary.by_worker[w] = summary.by_worker.get(w, 0) + len(result.records)
+                    bar.update(len(shard))
+                    bar.set_postfix(failed=len(failed), retried=pool.retried, refresh=False)
+        finally:
+            journal.close()
+            summary.retried_shards, summary.lost_workers = pool.retried, pool.lost_workers
+        coco = build_coco(work, journal.records, output_info(version, auto))
+        write_json_atomic(output, coco)
+    finally:
+        stop_workers(ray, actors)
+    summary.seconds = time.perf_counter() - run_start
+    summary.objects = len(coco["annotations"])
+    summary.failed = [(it.file_name, failed[it.image_id]) for it in work.items if it.image_id in failed]
+    return summary
