@@ -21,6 +21,11 @@ worker per GPU (else per CPU); the same output and journal, so either way resume
     python scripts/preannotate.py offline --ray-address auto|host:6379|ray://host:10001|local \
         --images imgs/ --coco boxes.json --out masks.json [--workers N] [--shard-size 16]
 
+The Label Studio mode too: the workers upload the predictions (the Label Studio URL and key go to
+them); tasks with a prediction of the version are skipped, so either way resumes the other:
+
+    python scripts/preannotate.py label-studio --project 3 --ray-address auto [--workers N] [--shard-size 16]
+
 CSV columns: image, x0, y0, x1, y1 (a box) and / or x, y (a point), positive (1/0), label, object
 (rows of one image with the same object value make one prompt). ``--auto``: images / tasks without
 prompts get SAM's automatic masks (grid of points, stability filter, NMS).
@@ -119,15 +124,12 @@ def _offline_on_ray(args, work, settings: BackendSettings, auto) -> int:
     from stable_sam.preannotation.ray_job import connect, run_offline_ray
 
     connect_s = connect(args.ray_address)
-    device = settings.device.strip().lower()
     # the workers get the model's settings only: no Label Studio key or password goes to the cluster
     model_settings = ModelSettings(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(ModelSettings)})
     summary = run_offline_ray(
         functools.partial(build_from_settings, model_settings), work, args.out, png_dir=args.png_dir, auto=auto,
-        auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh, workers=args.workers,
-        shard_size=args.shard_size, cpus_per_worker=args.cpus_per_worker,
-        use_gpu=False if device == "cpu" else True if device.startswith("cuda") else None, threads=args.threads,
-        read_ahead=args.read_ahead, encode_ahead=not args.no_encode_ahead, progress=not args.no_progress)
+        auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh, use_gpu=_use_gpu(settings),
+        encode_ahead=not args.no_encode_ahead, **_on_ray_options(args))
     print(f"{summary.model_version} on {summary.workers} Ray worker(s) ({summary.device}; connected in "
           f"{connect_s:.1f} s, models loaded in {summary.startup_s:.1f} s): {summary.processed} images pre-annotated "
           f"now ({summary.already_done} by an earlier run), {summary.objects} masks in {summary.output}; "
@@ -138,11 +140,24 @@ def _offline_on_ray(args, work, settings: BackendSettings, auto) -> int:
     return 1 if summary.failed else 0
 
 
+def _use_gpu(settings: BackendSettings):
+    """Ray workers on GPUs (True), on CPUs (False), or on GPUs where the cluster has some (None)."""
+    device = settings.device.strip().lower()
+    return False if device == "cpu" else True if device.startswith("cuda") else None
+
+
+def _on_ray_options(args) -> dict:
+    return dict(workers=args.workers, shard_size=args.shard_size, cpus_per_worker=args.cpus_per_worker,
+                threads=args.threads, read_ahead=args.read_ahead, progress=not args.no_progress)
+
+
 def cmd_label_studio(args) -> int:
     from backend.label_studio import connect
     from backend.model import StableSamBackend
     from backend.preannotate import run_label_studio
 
+    if args.workers is not None and not args.ray_address:
+        raise InputError("--workers needs --ray-address (without it the job runs in this process)")
     settings = _settings(args)
     settings = dataclasses.replace(
         settings, label_studio_url=(args.url or settings.label_studio_url).rstrip("/"),
@@ -150,6 +165,8 @@ def cmd_label_studio(args) -> int:
         # every image read ahead must still be in the URL cache when its task is decoded
         image_cache_items=max(settings.image_cache_items, 2 * args.read_ahead + 2))
     client = connect(settings.label_studio_url, settings.label_studio_api_key)
+    if args.ray_address:
+        return _label_studio_on_ray(args, client, settings)
     backend = StableSamBackend(settings, model=build_from_settings(settings))
     print(f"{backend.model.model_id} on {backend.model.device}: project {args.project}"
           f"{f' view {args.view}' if args.view else ''} at {settings.label_studio_url}"
@@ -158,15 +175,38 @@ def cmd_label_studio(args) -> int:
                                auto=_auto(args, settings.sam_model_type), auto_label=args.auto_label,
                                limit=args.limit, dry_run=args.dry_run, read_ahead=args.read_ahead,
                                progress=not args.no_progress)
+    return _label_studio_report(args, summary)
+
+
+def _label_studio_report(args, summary, where: str = "") -> int:
     done = f"{summary.would_upload} predictions would be uploaded" if args.dry_run else \
         f"{summary.uploaded} predictions uploaded"
-    print(f"{summary.model_version}: {summary.processed} tasks pre-annotated ({summary.masks} masks), {done}; skipped: "
-          f"{summary.skipped_done} already done, {summary.no_prompts} without prompts, {summary.empty} with no mask; "
-          f"{summary.images_per_s:.2f} images/s", file=sys.stderr)
+    print(f"{summary.model_version}{where}: {summary.processed} tasks pre-annotated ({summary.masks} masks), {done}; "
+          f"skipped: {summary.skipped_done} already done, {summary.no_prompts} without prompts, {summary.empty} with "
+          f"no mask; {summary.images_per_s:.2f} images/s", file=sys.stderr)
     _print_failures(summary.failed, "tasks")
     if args.json:
         print(json.dumps(summary.to_json()))
     return 1 if summary.failed else 0
+
+
+def _label_studio_on_ray(args, client, settings: BackendSettings) -> int:
+    """The Label Studio job on the Ray cluster at --ray-address; Ray is imported only here. The
+    workers upload the predictions themselves: the Label Studio URL and key go to them."""
+    from backend.preannotate_ray import run_label_studio_ray
+    from stable_sam.preannotation.ray_job import connect
+
+    connect_s = connect(args.ray_address)
+    print(f"project {args.project}{f' view {args.view}' if args.view else ''} at {settings.label_studio_url} on "
+          f"the Ray cluster at {args.ray_address}{' (dry run: nothing is uploaded)' if args.dry_run else ''}",
+          file=sys.stderr)
+    summary = run_label_studio_ray(client, settings, args.project, view=args.view, source=args.source,
+                                   auto=_auto(args, settings.sam_model_type), auto_label=args.auto_label,
+                                   limit=args.limit, dry_run=args.dry_run, use_gpu=_use_gpu(settings),
+                                   **_on_ray_options(args))
+    return _label_studio_report(args, summary, f" on {summary.workers} Ray worker(s) ({summary.device}; connected "
+                                               f"in {connect_s:.1f} s, ready in {summary.startup_s:.1f} s; "
+                                               f"{summary.retried_shards} shard(s) retried)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -191,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--read-ahead", type=int, default=4, help="images read (and encoded) ahead in the background")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="print the summary as one JSON object, last line")
+    ray = common.add_argument_group("on a Ray cluster (needs requirements-ray.txt)")
+    ray.add_argument("--ray-address", default=None,
+                     help="auto, host:port, ray://host:port, or local (a cluster of this machine, started here)")
+    ray.add_argument("--workers", type=int, default=None,
+                     help="Ray workers, each with its own model (default: one per GPU, else per --cpus-per-worker)")
+    ray.add_argument("--shard-size", type=int, default=16, help="images / tasks per shard sent to a worker")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray worker reserves")
 
     ls = sub.add_parser("label-studio", aliases=["ls"], parents=[common], help="pre-annotate a Label Studio project")
     ls.add_argument("--project", type=int, required=True)
@@ -210,13 +257,6 @@ def parser() -> argparse.ArgumentParser:
     off.add_argument("--png-dir", type=Path, default=None, help="also write <stem>_mask_<k>.png per mask here")
     off.add_argument("--fresh", action="store_true", help="ignore the journal of an earlier run; start over")
     off.add_argument("--no-encode-ahead", action="store_true", help="encode in the decoding thread")
-    ray = off.add_argument_group("on a Ray cluster (needs requirements-ray.txt)")
-    ray.add_argument("--ray-address", default=None,
-                     help="auto, host:port, ray://host:port, or local (a cluster of this machine, started here)")
-    ray.add_argument("--workers", type=int, default=None,
-                     help="Ray workers, each with its own model (default: one per GPU, else per --cpus-per-worker)")
-    ray.add_argument("--shard-size", type=int, default=16, help="images per shard sent to a worker")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray worker reserves")
     off.set_defaults(run=cmd_offline)
     return ap
 

@@ -23,3 +23,14 @@ def tiny_model() -> StableSam:
 @pytest.fixture(scope="session")
 def heldout() -> SyntheticScenes:
     return SyntheticScenes(seed=HELDOUT_SEED)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs for the module's tests (Ray imported only by the tests that
+    use it); its GCS address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

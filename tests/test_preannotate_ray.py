@@ -36,13 +36,6 @@ torch.set_num_threads(1)  # as each CPU worker: the reference is computed with t
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_model):
     """N_IMAGES drawn scenes with a rough box per object, and the single-machine job's output."""
     folder = tmp_path_factory.mktemp("ray-job")

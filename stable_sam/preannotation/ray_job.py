@@ -22,6 +22,9 @@ cluster, ``ActorPoolStrategy(size=2)`` never made progress); the resume and exac
 also need the driver to see whole shards, which plain actors give directly. Reading stays
 pipelined ahead of the encoder inside each actor, by the same stages the single-machine job uses.
 
+The Label Studio mode on Ray (``backend.preannotate_ray``) uses the same pieces: ``start_workers``,
+``ShardPool``, ``RayStats``.
+
 Ray is imported only here, and only when a function of this module runs: the single-machine path
 never loads it.
 """
@@ -36,7 +39,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Generic, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Set, Tuple,
+                    TypeVar)
 
 from tqdm import tqdm
 
@@ -64,7 +68,7 @@ class RayUnavailable(InputError):
     """Ray is not installed, the cluster cannot be reached, or it cannot run the workers asked for."""
 
 
-def _import_ray():
+def import_ray():
     try:
         import ray
     except ImportError:
@@ -91,7 +95,7 @@ def connect(address: str, timeout_s: float = 10.0) -> float:
     ``ray://host:port``; ``local``: start a cluster of this machine's CPUs / GPUs here). Returns
     the seconds it took; a process already connected stays on its cluster. Raises
     ``RayUnavailable`` with the reason."""
-    ray = _import_ray()
+    ray = import_ray()
     if ray.is_initialized():
         return 0.0
     start = time.perf_counter()
@@ -153,14 +157,12 @@ class ShardWorker:
         return ShardResult(records, failed, pipeline.stage_s)
 
 
-@dataclass
-class RaySummary(OfflineSummary):
-    """``OfflineSummary`` plus the cluster's part. ``seconds`` runs from the first shard sent (every
-    worker's model loaded) to the output written; ``startup_s``: starting the workers and loading
-    their models; ``retried_shards``: shards sent again after their worker died; ``lost_workers``:
-    workers that died for good; ``by_worker``: images each worker did."""
+@dataclass(kw_only=True)  # keyword-only: it mixes into summaries whose own fields come first
+class RayStats:
+    """The cluster's part of a run's summary: ``startup_s``: starting the workers and loading their
+    models; ``retried_shards``: shards sent again after their worker died; ``lost_workers``:
+    workers that died for good; ``by_worker``: images / tasks each worker did."""
 
-    model_version: str = ""
     workers: int = 0
     shard_size: int = 0
     device: str = ""
@@ -169,11 +171,21 @@ class RaySummary(OfflineSummary):
     lost_workers: int = 0
     by_worker: Dict[int, int] = field(default_factory=dict)
 
+    def ray_json(self) -> Dict[str, Any]:
+        return {"workers": self.workers, "shard_size": self.shard_size, "device": self.device,
+                "startup_s": round(self.startup_s, 3), "retried_shards": self.retried_shards,
+                "lost_workers": self.lost_workers, "by_worker": {str(k): v for k, v in sorted(self.by_worker.items())}}
+
+
+@dataclass
+class RaySummary(OfflineSummary, RayStats):
+    """``OfflineSummary`` plus the cluster's part (``RayStats``). ``seconds`` runs from the first
+    shard sent (every worker's model loaded) to the output written."""
+
+    model_version: str = ""
+
     def to_json(self) -> Dict[str, Any]:
-        return dict(super().to_json(), model_version=self.model_version, ray={
-            "workers": self.workers, "shard_size": self.shard_size, "device": self.device,
-            "startup_s": round(self.startup_s, 3), "retried_shards": self.retried_shards,
-            "lost_workers": self.lost_workers, "by_worker": {str(k): v for k, v in sorted(self.by_worker.items())}})
+        return dict(super().to_json(), model_version=self.model_version, ray=self.ray_json())
 
 
 def _last_line(e: BaseException) -> str:
@@ -182,7 +194,7 @@ def _last_line(e: BaseException) -> str:
     return lines[-1] if lines else e.__class__.__name__
 
 
-def _plan_workers(ray, workers: Optional[int], cpus_per_worker: float, use_gpu: Optional[bool]) -> Tuple[int, bool]:
+def plan_workers(ray, workers: Optional[int], cpus_per_worker: float, use_gpu: Optional[bool]) -> Tuple[int, bool]:
     """(number of workers, on GPUs?): one per GPU of the cluster, else one per ``cpus_per_worker``
     CPUs; refused when the cluster cannot hold that many at once (they would wait forever)."""
     resources = ray.cluster_resources()
@@ -241,18 +253,32 @@ class ShardPool(Generic[T]):
     the shard the worker was running counts the death (the ones queued behind it are innocent), so
     a poison image ends its own shard, not its neighbours'. The worker gets a cheap ``describe()``
     call that tells restarted (it answers, and gets shards again) from dead for good (dropped).
-    Every shard is yielded exactly once."""
+    Every shard is yielded exactly once. ``shards`` is read lazily, a shard when a worker has room
+    (so a driver can list its work while the workers run); an error it raises ends ``run``."""
 
     def __init__(self, ray, actors: Sequence[Any], max_attempts: int = 3) -> None:
         self.ray, self.actors, self.max_attempts = ray, list(actors), max_attempts
         self.retried = 0  # shards sent again after their worker died
         self.lost_workers = 0  # workers dead for good
 
-    def run(self, shards: Sequence[List[T]]) -> Iterator[Tuple[int, List[T], Any, Optional[str]]]:
+    def run(self, shards: Iterable[List[T]]) -> Iterator[Tuple[int, List[T], Any, Optional[str]]]:
         from ray.exceptions import ActorDiedError, RayError, RayTaskError
 
         ray, actors = self.ray, self.actors
-        queue: Deque[Tuple[List[T], int]] = deque((shard, 0) for shard in shards)  # (shard, deaths so far)
+        fresh = iter(shards)
+        exhausted = False
+        queue: Deque[Tuple[List[T], int]] = deque()  # (shard, deaths so far): retried ones first, then fresh ones
+
+        def refill() -> bool:
+            """Whether a shard waits to be sent; reads the next fresh one when none does."""
+            nonlocal exhausted
+            if not queue and not exhausted:
+                shard = next(fresh, None)
+                if shard is None:
+                    exhausted = True
+                else:
+                    queue.append((shard, 0))
+            return bool(queue)
         pending: Dict[Any, Tuple[int, Optional[Tuple[List[T], int]]]] = {}  # ref -> (worker, shard | None: probe)
         in_flight: List[List[Any]] = [[] for _ in actors]  # refs per worker, in the order it runs them
         blamed: Dict[int, Any] = {}  # a worker that died -> the ref it was running then; no shards meanwhile
@@ -280,15 +306,15 @@ class ShardPool(Generic[T]):
                 back.discard(w)
                 del blamed[w]
 
-        while queue or any(in_flight):  # a probe alone does not keep the job waiting
+        while refill() or any(in_flight):  # a probe alone does not keep the job waiting
             for w in range(len(actors)):
-                while queue and w not in blamed and w not in retired and len(in_flight[w]) < IN_FLIGHT:
+                while w not in blamed and w not in retired and len(in_flight[w]) < IN_FLIGHT and refill():
                     shard = queue.popleft()
                     ref = actors[w].run.remote(shard[0])
                     pending[ref] = (w, shard)
                     in_flight[w].append(ref)
             if not pending:  # shards left, no worker left
-                while queue:
+                while refill():
                     yield -1, queue.popleft()[0], None, "no Ray worker left (all died): rerun to continue"
                 return
             (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -347,14 +373,14 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
     ``max_attempts``: a shard is given up (reported failed) after its worker died that often.
     The code and the image folder must be at the same paths on every node (PNG masks are written
     by the workers)."""
-    ray = _import_ray()
+    ray = import_ray()
     if not ray.is_initialized():
         raise RayUnavailable("not connected to a Ray cluster (stable_sam.preannotation.ray_job.connect)")
     if shard_size < 1 or max_attempts < 1:
         raise InputError(f"shard size and attempts must be >= 1, got {shard_size}, {max_attempts}")
     output = Path(output)
     png_dir = Path(png_dir).absolute() if png_dir is not None else None  # workers may run elsewhere
-    workers, use_gpu = _plan_workers(ray, workers, cpus_per_worker, use_gpu)
+    workers, use_gpu = plan_workers(ray, workers, cpus_per_worker, use_gpu)
     work, auto_category = prepare_work(work, auto, auto_label)
     device = "cuda" if use_gpu else "cpu"
     cpu_threads = 0 if use_gpu else threads or max(1, int(cpus_per_worker))
