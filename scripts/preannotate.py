@@ -61,6 +61,7 @@ from stable_sam.preannotation import (AutoConfig, InputError, items_from_coco, i
 from stable_sam.settings import ModelSettings  # noqa: E402
 
 EXPECTED = (BadInput, SettingsError, CheckpointError, InputError, DatasetError)
+ENCODE_AHEAD = {"auto": None, "on": True, "off": False}  # --encode-ahead
 
 
 def _settings(args) -> BackendSettings:
@@ -109,7 +110,7 @@ def cmd_offline(args) -> int:
     print(f"{model.version} on {model.device}: {len(work.items)} images from {work.source}", file=sys.stderr)
     summary = run_offline(model, work, args.out, png_dir=args.png_dir, auto=auto,
                           auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh,
-                          read_ahead=args.read_ahead, encode_ahead=not args.no_encode_ahead,
+                          read_ahead=args.read_ahead, encode_ahead=ENCODE_AHEAD[args.encode_ahead],
                           progress=not args.no_progress)
     print(f"{summary.processed} images pre-annotated now ({summary.already_done} by an earlier run), "
           f"{summary.objects} masks in {summary.output}; {summary.images_per_s:.2f} images/s", file=sys.stderr)
@@ -129,7 +130,7 @@ def _offline_on_ray(args, work, settings: BackendSettings, auto) -> int:
     summary = run_offline_ray(
         functools.partial(build_from_settings, model_settings), work, args.out, png_dir=args.png_dir, auto=auto,
         auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh, use_gpu=_use_gpu(settings),
-        encode_ahead=not args.no_encode_ahead, **_on_ray_options(args))
+        encode_ahead=ENCODE_AHEAD[args.encode_ahead], **_on_ray_options(args))
     print(f"{summary.model_version} on {summary.workers} Ray worker(s) ({summary.device}; connected in "
           f"{connect_s:.1f} s, models loaded in {summary.startup_s:.1f} s): {summary.processed} images pre-annotated "
           f"now ({summary.already_done} by an earlier run), {summary.objects} masks in {summary.output}; "
@@ -256,7 +257,9 @@ def parser() -> argparse.ArgumentParser:
     off.add_argument("--out", type=Path, required=True, help="output COCO JSON (RLE masks)")
     off.add_argument("--png-dir", type=Path, default=None, help="also write <stem>_mask_<k>.png per mask here")
     off.add_argument("--fresh", action="store_true", help="ignore the journal of an earlier run; start over")
-    off.add_argument("--no-encode-ahead", action="store_true", help="encode in the decoding thread")
+    off.add_argument("--encode-ahead", choices=("auto", "on", "off"), default="auto",
+                     help="encode the next images in a second thread: auto = on a GPU, or on CPU when two stages' "
+                          "torch threads fit the cores (--threads); off = encode in the decoding thread")
     off.set_defaults(run=cmd_offline)
     return ap
 

@@ -299,3 +299,20 @@ def test_annotate_image_is_pure(tiny_model, scenes, tmp_path):
     journal.append(a)
     journal.close()
     assert Journal(tmp_path / "j.jsonl", "k").records == {a["image_id"]: a}
+
+
+def test_encode_ahead_only_where_it_has_hardware_of_its_own(monkeypatch):
+    """A GPU encoder leaves the CPU free: encode ahead. On CPU, only when the encoder's and the
+    decoder's torch threads fit the cores (else they split the same cores and lose)."""
+    from stable_sam.preannotation.offline import encode_ahead_helps
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert encode_ahead_helps(torch.device("cpu"))
+        torch.set_num_threads(5)
+        assert not encode_ahead_helps(torch.device("cpu"))
+        assert encode_ahead_helps(torch.device("cuda", 0))
+    finally:
+        torch.set_num_threads(before)

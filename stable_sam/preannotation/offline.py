@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..data.dataset import DatasetError, load_image
@@ -97,16 +99,28 @@ def failure_message(item: WorkItem, e: BaseException) -> str:
     return f"{e.__class__.__name__}: {e}"
 
 
+def encode_ahead_helps(device: torch.device) -> bool:
+    """Whether encoding in a second thread overlaps work instead of splitting the same CPU cores:
+    yes on a GPU; on CPU only when two stages' torch threads fit the cores. Measured on 2 cores
+    (``scripts/bench_preannotate.py``): ViT-B with 2 threads a stage ran at 0.896 of the encoder's
+    pace encoding ahead and 0.984 inline; the small SAM with 1 thread a stage, 0.449 vs 0.313."""
+    if device.type != "cpu":
+        return True
+    return 2 * torch.get_num_threads() <= (os.cpu_count() or 1)
+
+
 class ImagePipeline:
     """read -> encode -> annotate (and PNGs) over ``items``, the stages overlapped: iterating gives
     ``(item, record, None)`` for a finished image and ``(item, None, reason)`` for a failed one, in
     item order. One bad image never stops it. The single-machine job and each Ray worker run this.
     ``read_ahead=0``: no background threads (the serial baseline); ``encode_ahead=False``: encode in
-    the iterating thread. ``stage_s``: busy seconds of each stage and the wait for the encoder."""
+    the iterating thread; None: ``encode_ahead_helps`` on the model's device. ``stage_s``: busy seconds of each stage and the wait for the encoder."""
 
     def __init__(self, model: StableSam, items: Sequence[WorkItem], auto: Optional[AutoConfig] = None,
                  auto_category: int = 0, png_dir: Optional[Path] = None, read_ahead: int = 4,
-                 encode_ahead: bool = True) -> None:
+                 encode_ahead: Optional[bool] = None) -> None:
+        if encode_ahead is None:
+            encode_ahead = encode_ahead_helps(model.device)
         self.model, self.auto, self.auto_category, self.png_dir = model, auto, auto_category, png_dir
         self.reader = ReadAhead(items, self._read, depth=read_ahead, name="preannotate-read")
         self.encoder = ReadAhead(self.reader, self._encode, depth=2 if read_ahead and encode_ahead else 0,
@@ -149,13 +163,13 @@ class ImagePipeline:
 
 def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optional[Path] = None,
                 auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
-                fresh: bool = False, read_ahead: int = 4, encode_ahead: bool = True,
+                fresh: bool = False, read_ahead: int = 4, encode_ahead: Optional[bool] = None,
                 progress: bool = True) -> OfflineSummary:
     """Pre-annotate ``work`` into ``output`` (COCO JSON). ``auto``: segment images without prompts
     automatically (category ``auto_label``). ``limit``: at most that many images this run.
     ``fresh``: ignore (delete) the journal of an earlier run. ``read_ahead=0``: no background
     threads at all (the serial baseline of the benchmark); ``encode_ahead=False``: encode in the
-    calling thread."""
+    calling thread (None: when it helps, see ``encode_ahead_helps``)."""
     output = Path(output)
     work, auto_category = prepare_work(work, auto, auto_label)
     journal = Journal(journal_path(output), run_key(model.version, work, auto, png_dir), fresh=fresh)

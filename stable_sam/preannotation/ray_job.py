@@ -127,7 +127,7 @@ class ShardWorker:
     to import): the model, loaded once per process; ``run`` pre-annotates a shard."""
 
     def __init__(self, index: int, factory: ModelFactory, device: str, threads: int, auto: Optional[AutoConfig],
-                 auto_category: int, png_dir: Optional[Path], read_ahead: int, encode_ahead: bool) -> None:
+                 auto_category: int, png_dir: Optional[Path], read_ahead: int, encode_ahead: Optional[bool]) -> None:
         import torch
 
         if threads > 0:
@@ -363,7 +363,7 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
                     auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
                     fresh: bool = False, workers: Optional[int] = None, shard_size: int = 16,
                     cpus_per_worker: float = 1.0, use_gpu: Optional[bool] = None, threads: int = 0,
-                    read_ahead: int = 4, encode_ahead: bool = True, max_attempts: int = 3,
+                    read_ahead: int = 4, encode_ahead: Optional[bool] = None, max_attempts: int = 3,
                     progress: bool = True) -> RaySummary:
     """``run_offline`` on the Ray cluster this process is connected to (``connect``): the same
     output, byte for byte, and the same journal. ``model_factory(device=...)`` builds the model in
