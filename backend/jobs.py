@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 JOB_ID = re.compile(r"^project-(\d+)-\d{14}-[0-9a-f]{6}$")
 CANCEL_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
+JOB_HISTORY = 50  # a project's newest jobs whose status and log files are kept
 RUNNING = "running"
 
 
@@ -157,10 +158,20 @@ class JobManager:
             os.pwrite(fd, f"{job_id} {proc.pid}\n".encode(), 0)
             threading.Thread(target=proc.wait, name=f"reap-{job_id}", daemon=True).start()  # no zombie
             log.info("training job %s started for project %s (pid %d, %s)", job_id, project, proc.pid, trigger)
+            self._prune(project)
             return {"status": "started", "job_id": job_id, "job": job_id,  # "job": Label Studio records it
                     "project": project, "pid": proc.pid, "status_url": f"/train/status/{job_id}"}
         finally:
             os.close(fd)
+
+    def _prune(self, project: int) -> None:
+        """Delete the status, log and cancel files of the project's jobs beyond the newest
+        JOB_HISTORY (job ids sort by start time). Only finished jobs are that old: one runs at a time."""
+        ids = sorted({p.name.split(".")[0] for p in self.dir.glob(f"{scope_of(project)}-*.*")
+                      if JOB_ID.match(p.name.split(".")[0])})
+        for old in ids[:-JOB_HISTORY]:
+            for suffix in (".json", ".log", ".cancel"):
+                (self.dir / f"{old}{suffix}").unlink(missing_ok=True)
 
     def count_annotation(self, project: int) -> Dict[str, Any]:
         """TRAIN_EVERY_N: count an ANNOTATION_CREATED / _UPDATED; the Nth starts a job (when none

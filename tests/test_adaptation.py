@@ -515,3 +515,23 @@ def test_finetune_cli_adapts_an_export_into_a_store(tmp_path, media):
     bad = subprocess.run(cmd[:2] + ["--dataset", str(export), "--image-root", str(media_dir)], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--store" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_old_job_files_are_pruned_to_the_newest_jobs(tmp_path, monkeypatch):
+    """Status / log / cancel files of a project's jobs beyond the newest JOB_HISTORY go when a new
+    job starts; other projects' files stay."""
+    import backend.jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "JOB_HISTORY", 3)
+    jobs = JobManager(_settings(tmp_path, None), command=_fake(0.05))
+    old = [f"project-7-2026010100000{i}-abcde{i}" for i in range(5)]
+    for job_id in old + ["project-8-20260101000000-aaaaaa"]:
+        for suffix in (".json", ".log", ".cancel"):
+            (jobs.dir / f"{job_id}{suffix}").parent.mkdir(parents=True, exist_ok=True)
+            (jobs.dir / f"{job_id}{suffix}").write_text("{}")
+    new = jobs.start(7)["job_id"]
+    _wait(lambda: jobs.status(new)["status"] == "done")
+    kept = sorted({p.name.split(".")[0] for p in jobs.dir.glob("project-7-*.json")})
+    assert kept == old[-2:] + [new]
+    assert not any(jobs.dir.glob(f"{old[0]}.*")) and (jobs.dir / f"{old[-1]}.log").exists()
+    assert (jobs.dir / "project-8-20260101000000-aaaaaa.log").exists()
