@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from stable_sam.checkpoint import atomic_write_json
+from stable_sam.checkpoint import TEMP_SUFFIX, atomic_write_json
 
 from .errors import BadInput
 from .settings import BackendSettings
@@ -179,6 +179,10 @@ class JobManager:
         n = self.settings.train_every_n
         if n <= 0:
             return {"status": "ignored", "reason": "TRAIN_EVERY_N is 0: training starts on START_TRAINING only"}
+        try:
+            self.check_configured()
+        except BadInput as e:  # say why at once; a count that could never start a job is pointless
+            return {"status": "ignored", "reason": e.message}
         path = self._path(project, ".count")
         with self._control(project):
             try:
@@ -190,7 +194,6 @@ class JobManager:
                 if self._held(project):
                     out["running"] = self._lock_info(project)[0]
                 else:
-                    self.check_configured()
                     out = {**self._start_locked(project, f"TRAIN_EVERY_N={n}"), "count": count, "every": n}
                     count = 0
             atomic_write_json({"count": count}, path)
@@ -222,13 +225,16 @@ class JobManager:
             st = self._read(job_id)
             if st.get("status") == RUNNING:
                 latest, _ = self._lock_info(project)
-                if not (latest == job_id and self._held(project)):
-                    st = self._ended_without_report(st)
+                held = self._held(project)
+                if not (latest == job_id and held):
+                    # a newer job of the project may be running and writing: its temporary files stay
+                    st = self._ended_without_report(st, clean_temp=not held)
         return st
 
-    def _ended_without_report(self, st: Dict[str, Any]) -> Dict[str, Any]:
+    def _ended_without_report(self, st: Dict[str, Any], clean_temp: bool) -> Dict[str, Any]:
         """A job whose process is gone but whose status still says running: killed (SIGKILL, OOM
-        killer) or crashed. Record it, and remove what a killed atomic write may have left."""
+        killer) or crashed. Record it, and (``clean_temp``: when no job of the project runs)
+        remove what a killed atomic write may have left."""
         job_id = st["job_id"]
         cancelled = job_status_path(self.settings.model_dir, job_id).with_suffix(".cancel").exists()
         st = {**st, "status": "cancelled" if cancelled else "failed", "phase": "cancelled" if cancelled else "failed",
@@ -236,8 +242,8 @@ class JobManager:
               "error": "cancelled: the job was killed before it wrote a new version" if cancelled else
               f"the training process ended without reporting (killed, or out of memory); the previous version "
               f"still serves; see {st.get('log')}"}
-        if st.get("store_dir"):
-            for p in Path(st["store_dir"]).glob(".*.tmp"):
+        if clean_temp and st.get("store_dir"):
+            for p in Path(st["store_dir"]).glob(f".*{TEMP_SUFFIX}"):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         atomic_write_json(st, job_status_path(self.settings.model_dir, job_id))

@@ -200,8 +200,8 @@ class TaskAnnotator:
         if to_name is None:
             raise BadInput(f"the label config's brush images {list(cfg.brush_by_image)} have no data key")
         url = task["data"].get(cfg.image_keys[to_name])
-        image, _ = self.backend.images.load(url, task.get("id"))  # cached by URL: predict() finds it there
-        self.model.embed(image)  # ... and its embedding in the model's cache: the decoder never waits for it
+        # cached by URL with its embedding (as for an interactive click): predict() finds both there
+        image, _ = self.backend.images.load(url, task.get("id"), on_loaded=lambda im: self.backend._embed(self.model, im))
         return image
 
     def plan(self, task: Dict[str, Any]) -> _Plan:

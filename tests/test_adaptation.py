@@ -535,3 +535,36 @@ def test_old_job_files_are_pruned_to_the_newest_jobs(tmp_path, monkeypatch):
     assert kept == old[-2:] + [new]
     assert not any(jobs.dir.glob(f"{old[0]}.*")) and (jobs.dir / f"{old[-1]}.log").exists()
     assert (jobs.dir / "project-8-20260101000000-aaaaaa.log").exists()
+
+
+def test_every_n_without_label_studio_settings_is_acknowledged_not_stuck(tmp_path):
+    """TRAIN_EVERY_N set but no LABEL_STUDIO_URL / key: every annotation event is answered with the
+    reason (200 for the webhook), never a 4xx loop, and no counter is kept."""
+    s = BackendSettings(model_dir=tmp_path / "models", train_every_n=2)
+    jobs = JobManager(s, command=_fake(0.05))
+    for _ in range(3):
+        out = jobs.count_annotation(5)
+        assert out["status"] == "ignored" and "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY" in out["reason"]
+    assert not (jobs.dir / "project-5.count").exists()
+
+
+def test_a_stale_running_status_does_not_touch_a_running_jobs_temp_files(tmp_path):
+    """Job A was killed unseen, job B of the same project runs and is writing: reading A's status
+    marks A failed but leaves B's temporary files in the store alone."""
+    jobs = JobManager(_settings(tmp_path, None), command=_fake(60))
+    store_dir = tmp_path / "models" / "plugins" / "x" / "project-4"
+    store_dir.mkdir(parents=True)
+    stale = "project-4-20260101000000-abcdef"
+    jobs.dir.mkdir(parents=True, exist_ok=True)
+    (jobs.dir / f"{stale}.json").write_text(json.dumps({"job_id": stale, "project": 4, "status": "running",
+                                                        "store_dir": str(store_dir)}))
+    b = jobs.start(4)
+    try:
+        temp = store_dir / ".v2.pt.abc123.tmp"  # B's atomic write in progress
+        temp.write_bytes(b"partial")
+        st = jobs.status(stale)
+        assert st["status"] == "failed" and temp.exists()
+    finally:
+        jobs.cancel(job_id=b["job_id"])
+    st = jobs.status(stale)
+    assert st["status"] == "failed"

@@ -41,8 +41,10 @@ class Journal:
             raise InputError(f"cannot read the journal {self.path}: {e}") from None
         lines = text.split("\n")
         complete = lines[:-1]  # the part after the last newline is empty, or a torn write
-        if lines[-1]:
+        if lines[-1]:  # cut the torn line off, so appends start on a line of their own; a kill
+            # during a truncate loses nothing finished (a rewrite of the file could lose it all)
             log.warning("journal %s: dropping a torn last line (the previous run was interrupted)", self.path)
+            os.truncate(self.path, len(text[:text.rfind("\n") + 1].encode()))
         if not complete:
             return
         try:
@@ -60,9 +62,6 @@ class Journal:
             except json.JSONDecodeError as e:
                 raise InputError(f"{self.path} line {n} is corrupt ({e}): pass --fresh to start over") from None
             self.records[int(record["image_id"])] = record
-        if lines[-1]:  # rewrite without the torn line, so appends start on a line of their own
-            with open(self.path, "w") as f:
-                f.write("\n".join(complete) + "\n")
 
     def _open(self) -> TextIO:
         if self._file is None:
