@@ -75,20 +75,8 @@ def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-# Field -> environment variable, for ``to_env``.
-ENV_NAMES = {
-    "model_dir": "MODEL_DIR", "device": "DEVICE", "sam_model_type": "SAM_MODEL_TYPE",
-    "sam_checkpoint": "SAM_CHECKPOINT", "plugin_checkpoint": "PLUGIN_CHECKPOINT",
-    "embedding_cache_mb": "EMBEDDING_CACHE_MB", "embedding_disk_cache": "EMBEDDING_DISK_CACHE",
-    "plugin_version": "PLUGIN_VERSION", "label_studio_url": "LABEL_STUDIO_URL",
-    "label_studio_api_key": "LABEL_STUDIO_API_KEY", "basic_auth_user": "BASIC_AUTH_USER",
-    "basic_auth_pass": "BASIC_AUTH_PASS", "max_image_pixels": "MAX_IMAGE_PIXELS", "max_image_mb": "MAX_IMAGE_MB",
-    "max_request_mb": "MAX_REQUEST_MB", "fetch_timeout_s": "FETCH_TIMEOUT_S", "image_cache_items": "IMAGE_CACHE_ITEMS",
-    "image_cache_mb": "IMAGE_CACHE_MB", "image_cache_ttl_s": "IMAGE_CACHE_TTL_S",
-    "local_files_root": "LOCAL_FILES_DOCUMENT_ROOT", "preload_model": "PRELOAD_MODEL", "host": "HOST", "port": "PORT",
-    "workers": "WORKERS", "threads": "THREADS", "torch_threads": "TORCH_THREADS", "log_level": "LOG_LEVEL",
-    "train_every_n": "TRAIN_EVERY_N", "train_init": "TRAIN_INIT", "train_holdout": "TRAIN_HOLDOUT",
-}
+# Field -> environment variable, for ``to_env``: the field's name in capitals, but for these.
+ENV_NAMES = {"local_files_root": "LOCAL_FILES_DOCUMENT_ROOT"}
 
 
 @dataclass(frozen=True)
@@ -173,7 +161,7 @@ class BackendSettings(ModelSettings):
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 value = "1" if value else "0"
-            out[ENV_NAMES[f.name]] = "" if value is None else str(value)
+            out[ENV_NAMES.get(f.name, f.name.upper())] = "" if value is None else str(value)
         return out
 
     @property

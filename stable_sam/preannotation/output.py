@@ -9,14 +9,13 @@ workers that produced the same records writes the same bytes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from ..checkpoint import atomic_write
 from .items import WorkList
 
 
@@ -44,20 +43,8 @@ def build_coco(work: WorkList, records: Mapping[int, Dict[str, Any]], info: Dict
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as compact JSON to ``path`` through a temporary file in the same folder and a
-    rename: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as compact JSON to ``path`` atomically: readers see the old file or the new one."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, separators=(",", ":")).encode()))
 
 
 def mask_png_paths(png_dir: Path, file_name: str, count: int) -> List[Path]:
@@ -72,8 +59,7 @@ def write_mask_pngs(png_dir: Path, file_name: str, masks: Sequence[np.ndarray]) 
     at any level, and level 6 costs several times the time on large images."""
     paths = mask_png_paths(png_dir, file_name, len(masks))
     for path, mask in zip(paths, masks):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
+        # a unique temporary name: a retried Ray shard may write the same mask at the same time
+        atomic_write(path, lambda f, m=mask: Image.fromarray(np.asarray(m, dtype=np.uint8) * 255).save(
+            f, format="PNG", compress_level=1))
     return paths
