@@ -146,10 +146,14 @@ def start_label_studio(work: Path) -> tuple[Process, str]:
     shutil.copytree(template, data)
     port = free_port()
     cmd = [str(LS_BIN), "start", "--no-browser", "--debug", "--internal-host", "127.0.0.1", "--port", str(port)]
-    proc = Process("label-studio", cmd, ls_env(data, port), work / "label-studio.log")
+    return _answering(Process("label-studio", cmd, ls_env(data, port), work / "label-studio.log"), port, timeout=240)
+
+
+def _answering(proc: Process, port: int, timeout: float) -> tuple[Process, str]:
+    """``proc`` and its URL once its /health answers; stopped if it never does."""
     url = f"http://127.0.0.1:{port}"
     try:
-        proc.wait_http(f"{url}/health", timeout=240)
+        proc.wait_http(f"{url}/health", timeout=timeout)
     except Exception:
         proc.stop()
         raise
@@ -164,11 +168,4 @@ def start_backend(work: Path, env_extra: Dict[str, str], python: Optional[str] =
     env.update(env_extra)
     cmd = [python or sys.executable, "-m", "gunicorn", "-c", str(ROOT / "backend" / "gunicorn.conf.py"),
            "backend.wsgi:app"]
-    proc = Process("backend", cmd, env, work / "backend.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(f"{url}/health", timeout=120)
-    except Exception:
-        proc.stop()
-        raise
-    return proc, url
+    return _answering(Process("backend", cmd, env, work / "backend.log"), port, timeout=120)
