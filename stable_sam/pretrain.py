@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from .checkpoint import atomic_torch_save
 from .data.synthetic import HELDOUT_SEED, TRAIN_SEED, Scene, SyntheticScenes
 from .losses import bce_dice_loss
 from .metrics import binary_iou
+from .modeling.batched_decode import decode_on_own_images
 from .prompts import error_point, mask_to_box, sam_jittered_box, sample_points
 
 
@@ -59,49 +60,73 @@ def _lr_factor(step: int, cfg: PretrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _image_loss(sam: Sam, embedding: torch.Tensor, scene: Scene, cfg: PretrainConfig,
-                rng: np.random.Generator) -> torch.Tensor:
-    """Loss of one image over ``cfg.iterations`` rounds of prompting for a subset of its objects."""
+def _pad(mask: np.ndarray, size: int) -> np.ndarray:
+    """H x W bool -> size x size bool, zero on SAM's padding (bottom and right)."""
+    out = np.zeros((size, size), dtype=bool)
+    out[: mask.shape[0], : mask.shape[1]] = mask
+    return out
+
+
+def _group_loss(sam: Sam, embeddings: torch.Tensor, items: List[Tuple[int, np.ndarray]], use_points: bool,
+                cfg: PretrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Summed loss of P prompts, ``cfg.iterations`` rounds each: items are (image row in
+    ``embeddings``, that image's H x W object mask); all start as a jittered GT box, or all as one
+    point. One decoder call per round for all P prompts, whatever image they are on."""
     size = sam.image_encoder.img_size
-    h, w = scene.image.shape[:2]
-    chosen = rng.permutation(len(scene.masks))[: cfg.masks_per_image]
-    gt_np = np.stack([scene.masks[i] for i in chosen])
-    gt = torch.as_tensor(gt_np, device=sam.device)[:, None]  # M x 1 x H x W
-    m = len(chosen)
-    use_points = rng.random() < cfg.point_prob
-    boxes = None if use_points else torch.as_tensor(
-        np.stack([sam_jittered_box(g, rng) for g in gt_np]), device=sam.device)
-    coords = np.zeros((m, 0, 2), np.float32)
-    labels = np.zeros((m, 0), np.int64)
+    dev = sam.device
+    masks = [m for _, m in items]
+    p = len(items)
+    emb = embeddings[torch.as_tensor([i for i, _ in items], device=dev)]  # P x C x h x w
+    gt_np = np.stack([_pad(m, size) for m in masks])
+    gt = torch.as_tensor(gt_np, device=dev)[:, None]  # P x 1 x S x S
+    valid = torch.as_tensor(np.stack([_pad(np.ones(m.shape, bool), size) for m in masks]), device=dev)[:, None]
+    boxes = None if use_points else torch.as_tensor(np.stack([sam_jittered_box(m, rng) for m in masks]), device=dev)
+    coords = np.zeros((p, 0, 2), np.float32)
+    labels = np.zeros((p, 0), np.int64)
     if use_points:
-        coords = np.stack([sample_points(g, 1, rng) for g in gt_np])
-        labels = np.ones((m, 1), np.int64)
+        coords = np.stack([sample_points(m, 1, rng) for m in masks])
+        labels = np.ones((p, 1), np.int64)
     mask_input: Optional[torch.Tensor] = None
     pe = sam.prompt_encoder.get_dense_pe()
-    total = embedding.new_zeros(())
+    rows = torch.arange(p, device=dev)
+    total = embeddings.new_zeros(())
     for it in range(cfg.iterations):
         points = None
         if coords.shape[1]:
-            points = (torch.as_tensor(coords, device=sam.device), torch.as_tensor(labels, device=sam.device))
+            points = (torch.as_tensor(coords, device=dev), torch.as_tensor(labels, device=dev))
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        multimask = it == 0 and use_points
-        low, iou_pred = sam.mask_decoder(embedding[None], pe, sparse, dense, multimask)
-        up = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[..., :h, :w]
-        target = gt.float().expand_as(up)
-        seg = bce_dice_loss(up, target)  # M x K
-        best = seg.argmin(dim=1)
-        rows = torch.arange(m, device=sam.device)
+        low, iou_pred = decode_on_own_images(sam.mask_decoder, emb, pe, sparse, dense,
+                                             multimask=it == 0 and use_points)
+        up = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
+        seg = bce_dice_loss(up, gt.float().expand_as(up), valid)  # P x K
+        best = seg.argmin(dim=1)  # SAM's ambiguity-aware loss: only the best candidate counts
         with torch.no_grad():
-            pred = up > 0
+            pred = (up > 0) & valid
             true_iou = binary_iou(pred, gt.expand_as(pred))
-        total = total + seg[rows, best].mean() + F.mse_loss(iou_pred, true_iou)
+        total = total + p * (seg[rows, best].mean() + F.mse_loss(iou_pred, true_iou))
         if it + 1 < cfg.iterations:
             pred_best = pred[rows, best].cpu().numpy()
-            new = [error_point(pred_best[j], gt_np[j], rng) for j in range(m)]
-            coords = np.concatenate([coords, np.stack([p for p, _ in new])[:, None]], axis=1)
+            new = [error_point(pred_best[j][: m.shape[0], : m.shape[1]], m, rng) for j, m in enumerate(masks)]
+            coords = np.concatenate([coords, np.stack([q for q, _ in new])[:, None]], axis=1)
             labels = np.concatenate([labels, np.array([[lab] for _, lab in new])], axis=1)
             mask_input = low[rows, best][:, None].detach()
     return total / cfg.iterations
+
+
+def step_loss(sam: Sam, embeddings: torch.Tensor, scenes: Sequence[Scene], cfg: PretrainConfig,
+              rng: np.random.Generator) -> torch.Tensor:
+    """Mean loss per prompt over a batch: embeddings N x C x h x w of ``scenes``. Each image prompts
+    up to ``cfg.masks_per_image`` of its objects, all with boxes or (``point_prob``) all with one
+    point; the box prompts of every image share decoder calls, and so do the point prompts."""
+    groups: Dict[bool, List[Tuple[int, np.ndarray]]] = {False: [], True: []}
+    for i, scene in enumerate(scenes):
+        chosen = rng.permutation(len(scene.masks))[: cfg.masks_per_image]
+        groups[bool(rng.random() < cfg.point_prob)] += [(i, scene.masks[j]) for j in chosen]
+    total = embeddings.new_zeros(())
+    for use_points, items in groups.items():
+        if items:
+            total = total + _group_loss(sam, embeddings, items, use_points, cfg, rng)
+    return total / sum(len(v) for v in groups.values())
 
 
 @torch.no_grad()
@@ -153,7 +178,7 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
         scenes = [s for s in scenes if s.masks]
         batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
         emb = sam.image_encoder(batch)
-        loss = sum(_image_loss(sam, emb[i], s, cfg, rng) for i, s in enumerate(scenes)) / len(scenes)
+        loss = step_loss(sam, emb, scenes, cfg, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)

@@ -41,6 +41,7 @@ from .distributed import DataParallelGroup
 from .data.dataset import Sample, SegmentationDataset
 from .losses import bce_dice_loss
 from .model import ImageEmbedding, StableSam
+from .modeling.batched_decode import decode_on_own_images
 from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable, route
 from .prompts import mask_to_box, negative_points, noisy_box, sample_points
 
@@ -128,13 +129,8 @@ def decode_prompts(model: StableSam, embeddings: torch.Tensor, points: Optional[
     with torch.no_grad():
         sparse, dense = model.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
         pe = model.sam.prompt_encoder.get_dense_pe()
-    # SAM's decoder repeats one image embedding per prompt and adds the dense prompt embedding;
-    # a zero image embedding plus (dense + own embedding) is the same sum, per prompt.
     with route(plugin) as routing:
-        low, _ = model.sam.mask_decoder(
-            image_embeddings=torch.zeros_like(embeddings[:1]), image_pe=pe,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense + embeddings,
-            multimask_output=False)
+        low, _ = decode_on_own_images(model.sam.mask_decoder, embeddings, pe, sparse, dense, multimask=False)
     return low, routing.alpha
 
 

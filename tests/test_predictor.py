@@ -61,7 +61,8 @@ def test_several_boxes_give_one_mask_each_on_its_own_object(predictor, heldout):
     assert len(out.masks) == len(gts) >= 3
     assert out.scores.shape == out.stability.shape == (len(boxes),)
     assert out.alpha.shape == (len(boxes), 2)
-    assert out.low_res_logits.shape == (len(boxes), 1, 64, 64)
+    side = 4 * predictor.model.sam.prompt_encoder.image_embedding_size[0]  # SAM: 4x the embedding grid
+    assert out.low_res_logits.shape == (len(boxes), 1, side, side)
     overlap = np.array([[iou(p, g) for g in gts] for p in out.masks])
     assert (overlap.argmax(axis=1) == np.arange(len(boxes))).all(), overlap.round(2)
     assert np.diag(overlap).mean() > 0.6

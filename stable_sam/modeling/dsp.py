@@ -63,10 +63,11 @@ class DeformableSamplingPlugin(nn.Module):
         raw = self.offset(self.act(self.norm(feat)))  # B x H x W x (2 or 3)
         offsets = torch.tanh(raw[..., :2]) * self.offset_range
         positions = self._cell_grid(h, w, x) + offsets
-        x_def = bilinear_sample(x_star, positions)
+        corners = bilinear_corners(positions, n)  # one set of corners and weights for x* and pe
+        x_def = gather_corners(x_star, *corners)
         if self.amplitude:
             x_def = x_def * (2.0 * torch.sigmoid(raw[..., 2:3])).reshape(b, n, 1)
-        pe_def = bilinear_sample(pe, positions) if self.resample_pe and pe is not None else pe
+        pe_def = gather_corners(pe, *corners) if self.resample_pe and pe is not None else pe
         return x_def, pe_def, offsets
 
 
@@ -79,8 +80,13 @@ def bilinear_sample(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     (``embedding_bag``) on the token layout: no NCHW copies, several times faster on CPU.
     Differentiable in ``tokens`` and ``positions``.
     """
-    b, n, c = tokens.shape
-    _, h, w, _ = positions.shape
+    return gather_corners(tokens, *bilinear_corners(positions, tokens.shape[1]))
+
+
+def bilinear_corners(positions: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """positions B x H x W x 2 (x, y in cells) on a grid of n = H*W tokens -> the four corner rows
+    (B*H*W) x 4 into a (B*n)-row table and their bilinear weights (B*H*W) x 4, border-clamped."""
+    b, h, w, _ = positions.shape
     if h < 2 or w < 2:
         raise ValueError(f"bilinear_sample needs a grid of at least 2 x 2 cells, got {h} x {w}")
     # x and y handled together as one trailing pair: few, larger ops (this runs on every click).
@@ -89,10 +95,15 @@ def bilinear_sample(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     p0 = pos.detach().floor().minimum(hi - 1)  # the top-left corner; its neighbours stay in range
     frac = pos - p0
     corner = (p0 * positions.new_tensor([1, w])).sum(-1).long()  # y0 * w + x0
-    base = torch.arange(b, device=tokens.device).view(b, 1, 1) * n
-    idx = (corner + base)[..., None] + torch.tensor([0, 1, w, w + 1], device=tokens.device)
+    base = torch.arange(b, device=positions.device).view(b, 1, 1) * n
+    idx = (corner + base)[..., None] + torch.tensor([0, 1, w, w + 1], device=positions.device)
     pair = torch.stack([1 - frac, frac], dim=-1)  # B x H x W x (x, y) x (near, far)
     weights = (pair[..., 1, :, None] * pair[..., 0, None, :]).flatten(-2)  # (y0x0, y0x1, y1x0, y1x1)
-    out = F.embedding_bag(idx.view(-1, 4), tokens.reshape(b * n, c),
-                          per_sample_weights=weights.view(-1, 4).to(tokens.dtype), mode="sum")
+    return idx.view(-1, 4), weights.view(-1, 4)
+
+
+def gather_corners(tokens: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """tokens B x n x C -> B x n x C: each output row the weighted sum of its four corner rows."""
+    b, n, c = tokens.shape
+    out = F.embedding_bag(idx, tokens.reshape(b * n, c), per_sample_weights=weights.to(tokens.dtype), mode="sum")
     return out.view(b, n, c)

@@ -1,0 +1,67 @@
+"""Pretraining the small SAM: prompts of several images share decoder calls, and a step trains."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from stable_sam.data.synthetic import TRAIN_SEED, SyntheticScenes
+from stable_sam.modeling.batched_decode import decode_on_own_images
+from stable_sam.modeling.sam_tiny import build_sam_tiny
+from stable_sam.pretrain import PretrainConfig, image_to_tensor, save_sam_fp16, step_loss
+
+
+def test_multimask_prompts_of_two_images_decode_like_one_image_at_a_time():
+    torch.manual_seed(0)
+    sam = build_sam_tiny()  # any weights will do: this is about the batching, not the masks
+    grid = sam.prompt_encoder.image_embedding_size
+    emb = torch.randn(2, 256, *grid, requires_grad=True)
+    coords = torch.tensor([[[40.0, 50.0]], [[200.0, 120.0]]])
+    labels = torch.ones(2, 1, dtype=torch.int64)
+    pe = sam.prompt_encoder.get_dense_pe()
+    sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    together, iou = decode_on_own_images(sam.mask_decoder, emb, pe, sparse, dense, multimask=True)
+    assert together.shape == (2, 3, 4 * grid[0], 4 * grid[1]) and iou.shape == (2, 3)
+    for i in range(2):
+        alone, alone_iou = sam.mask_decoder(emb[i:i + 1], pe, sparse[i:i + 1], dense[i:i + 1], True)
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(iou[i:i + 1], alone_iou, rtol=1e-4, atol=1e-4)
+    together[1].sum().backward()  # each prompt's gradient reaches its own image only
+    assert emb.grad[0].abs().max() == 0 and emb.grad[1].abs().max() > 0
+
+
+def test_a_few_steps_on_one_batch_lower_its_loss_and_save_fp16(tmp_path):
+    torch.manual_seed(0)
+    sam = build_sam_tiny()
+    sam.train()
+    scenes = [s for s in (SyntheticScenes(seed=TRAIN_SEED)[i] for i in range(3)) if s.masks][:2]
+    cfg = replace(PretrainConfig(), masks_per_image=2, iterations=2, point_prob=0.5)
+    batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
+    opt = torch.optim.AdamW(sam.parameters(), lr=1e-3)
+
+    def loss_now() -> torch.Tensor:  # the same prompts every time
+        return step_loss(sam, sam.image_encoder(batch), scenes, cfg, np.random.default_rng(0))
+
+    first = loss_now()
+    first.backward()
+    assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0  # the encoder trains too
+    assert sam.mask_decoder.iou_prediction_head.layers[0].weight.grad.abs().sum() > 0
+    opt.step()
+    for _ in range(4):
+        opt.zero_grad()
+        loss_now().backward()
+        opt.step()
+    with torch.no_grad():
+        last = loss_now()
+    assert last.item() < 0.9 * first.item(), (first.item(), last.item())
+
+    path = save_sam_fp16(sam, tmp_path / "tiny.pt")
+    state = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    reloaded = build_sam_tiny(path)
+    with torch.no_grad():
+        emb = sam.image_encoder(batch[:1])
+        again = reloaded.image_encoder(batch[:1])
+    assert (emb - again).abs().max() < 0.05 * emb.abs().max()  # fp16 rounding only
