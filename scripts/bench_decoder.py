@@ -81,6 +81,31 @@ def compare(predictor: StableSamPredictor, prompts, rounds: int, calls: int) -> 
             "sam_cpu_ms": round(sc, 3), "stable_sam_cpu_ms": round(tc, 3), "cpu_ratio": round(tc / sc, 4)}
 
 
+def time_plugin_parts(plugin: StableSamPlugin, grid_hw: tuple, device: torch.device, calls: int) -> dict:
+    """Milliseconds per call of the plugin alone (one prompt on one grid) and of its C->C 1x1
+    projection alone: the projection is what the method mandates over the whole grid for every
+    prompt, so 1 + projection / plain SAM is a floor under the ratio whatever the rest costs."""
+    n, c = grid_hw[0] * grid_hw[1], plugin.config.dim
+    g = torch.Generator().manual_seed(1)
+    x, pe = (torch.randn((1, n, c), generator=g).to(device) for _ in range(2))
+    token = torch.randn((1, c), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def per_call(fn) -> float:
+        with torch.inference_mode():
+            for _ in range(3):
+                fn()
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+        return (time.perf_counter() - start) * 1000 / calls
+
+    return {"plugin_ms": round(per_call(lambda: plugin(token, x, pe, grid_hw)), 3),
+            "projection_ms": round(per_call(lambda: plugin.dsp.proj(x)), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
@@ -99,6 +124,8 @@ def main() -> None:
     image = np.asarray(Image.open(EXAMPLE).convert("RGB"))
     predictor.set_image(image)
     results["small"] = compare(predictor, prompts_for(*image.shape[:2]), args.rounds, calls=20)
+    results["small"].update(time_plugin_parts(small.plugin, small.sam.prompt_encoder.image_embedding_size,
+                                              device, calls=200))
 
     vit_b = StableSam(build_sam("vit_b", None), live_plugin(), "vit_b", "vit_b-random", device)
     predictor = StableSamPredictor(vit_b)
@@ -107,13 +134,18 @@ def main() -> None:
     embedding = torch.randn((1, 256, 64, 64), generator=g).to(device)
     predictor.set_embedding(ImageEmbedding(embedding, (h, w), (768, 1024), "random"))
     results["vit_b"] = compare(predictor, prompts_for(h, w), args.rounds, calls=2 if device.type == "cpu" else 20)
+    results["vit_b"].update(time_plugin_parts(vit_b.plugin, (64, 64), device, calls=20))
+    for r in results.values():
+        r["ratio_floor_projection"] = round(1 + r["projection_ms"] / r["sam_ms"], 4)
 
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
-    print("| model | plain SAM ms/prompt | Stable-SAM ms/prompt | ratio | CPU ms plain / Stable | CPU ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | plain SAM ms/prompt | Stable-SAM ms/prompt | ratio | CPU ms plain / Stable | CPU ratio "
+          "| plugin alone ms | its C->C projection ms | ratio floor from the projection |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['sam_ms']:.2f} | {r['stable_sam_ms']:.2f} | {r['ratio']:.3f} | "
-              f"{r['sam_cpu_ms']:.2f} / {r['stable_sam_cpu_ms']:.2f} | {r['cpu_ratio']:.3f} |")
+              f"{r['sam_cpu_ms']:.2f} / {r['stable_sam_cpu_ms']:.2f} | {r['cpu_ratio']:.3f} | "
+              f"{r['plugin_ms']:.2f} | {r['projection_ms']:.2f} | {r['ratio_floor_projection']:.3f} |")
     if args.json:
         print(json.dumps(results))
 
