@@ -94,24 +94,58 @@ def test_box_plus_points_and_mask_input(predictor, heldout):
         scores.append(iou(out.masks[0], mask))
         again = predictor.predict(point_coords=pts, point_labels=[1, 1], box=box, mask_input=out.low_res_logits)
         assert iou(again.masks[0], out.masks[0]) > 0.7
-    assert np.mean(scores) > 0.6  # 0.66 with the committed small SAM
+    assert np.mean(scores) > 0.6  # 0.70 with the committed small SAM (0.66 with the patch-16 one)
+
+
+def _centre_pixel(mask: np.ndarray):
+    ys, xs = np.nonzero(mask)
+    j = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return xs[j], ys[j]
 
 
 def test_negative_points_remove_area(predictor, heldout):
-    """A box on an object, then a negative click inside the mask it gave: area goes away there."""
-    smaller, excluded = [], []
+    """A box on an object, then a negative click inside the mask it gave: the mask shrinks.
+
+    Where it shrinks is not asserted: a negative click in the middle of the object the box frames
+    contradicts the box, and this small SAM (trained, like SAM, with negative clicks only on
+    false-positive areas) keeps the clicked pixel in 6 of these 10 cases. The annotator's case,
+    a negative click on what the mask wrongly took, is the next test."""
+    smaller = []
     for scene, mask in _big_objects(heldout)[:10]:
         predictor.set_image(scene.image)
         box = mask_to_box(mask)
         first = predictor.predict(box=box).masks[0]
-        ys, xs = np.nonzero(first)
-        j = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))  # the pixel nearest its centre
-        neg = np.array([[xs[j] + 0.5, ys[j] + 0.5]])
-        second = predictor.predict(box=box, point_coords=neg, point_labels=[0]).masks[0]
+        x, y = _centre_pixel(first)
+        second = predictor.predict(box=box, point_coords=np.array([[x + 0.5, y + 0.5]]), point_labels=[0]).masks[0]
         smaller.append(second.sum() < first.sum())
-        excluded.append(not second[ys[j], xs[j]])
     assert np.mean(smaller) >= 0.8
-    assert np.mean(excluded) >= 0.6
+
+
+def test_negative_click_removes_the_neighbour_a_mask_spilled_onto(predictor, heldout):
+    """A box around two objects with a click on the first takes in part of the second; a negative
+    click on the second takes it out and brings the mask closer to the first."""
+    spilled = 0
+    for i in range(20):
+        scene = heldout[i]
+        big = [m for m, k in zip(scene.masks, scene.kinds)
+               if m.sum() >= 1500 and k in ("ellipse", "polygon", "rectangle")]
+        if len(big) < 2:
+            continue
+        a, b = big[:2]
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = mask_to_box(a), mask_to_box(b)
+        box = np.array([min(ax0, bx0), min(ay0, by0), max(ax1, bx1), max(ay1, by1)])
+        (xa, ya), (xb, yb) = _centre_pixel(a), _centre_pixel(b)
+        predictor.set_image(scene.image)
+        pos = predictor.predict(box=box, point_coords=np.array([[xa + 0.5, ya + 0.5]]), point_labels=[1]).masks[0]
+        if (pos & b).sum() < 0.5 * b.sum():
+            continue  # the mask did not take the second object: nothing to correct
+        spilled += 1
+        both = predictor.predict(box=box, point_coords=np.array([[xa + 0.5, ya + 0.5], [xb + 0.5, yb + 0.5]]),
+                                 point_labels=[1, 0]).masks[0]
+        assert not both[yb, xb]
+        assert (both & b).sum() < 0.25 * b.sum()
+        assert iou(both, a) > iou(pos, a)
+    assert spilled >= 2  # the scenes give 3 such pairs with the committed small SAM
 
 
 def test_plain_sam_switch_runs_the_same_path(predictor, heldout):

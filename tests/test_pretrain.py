@@ -10,7 +10,7 @@ import torch
 from stable_sam.data.synthetic import TRAIN_SEED, SyntheticScenes
 from stable_sam.modeling.batched_decode import decode_on_own_images
 from stable_sam.modeling.sam_tiny import build_sam_tiny
-from stable_sam.pretrain import PretrainConfig, image_to_tensor, save_sam_fp16, step_loss
+from stable_sam.pretrain import PretrainConfig, image_to_tensor, refine_patch_grid, save_sam_fp16, step_loss
 
 
 def test_multimask_prompts_of_two_images_decode_like_one_image_at_a_time():
@@ -65,3 +65,25 @@ def test_a_few_steps_on_one_batch_lower_its_loss_and_save_fp16(tmp_path):
         emb = sam.image_encoder(batch[:1])
         again = reloaded.image_encoder(batch[:1])
     assert (emb - again).abs().max() < 0.05 * emb.abs().max()  # fp16 rounding only
+
+
+def test_refining_a_coarse_model_keeps_what_its_weights_mean():
+    torch.manual_seed(0)
+    coarse = build_sam_tiny(patch_size=16)
+    fine = build_sam_tiny(patch_size=8)
+    state = refine_patch_grid(coarse.state_dict(), fine)
+    fine.load_state_dict(state)
+    # The patch kernel: fine tokens of an image equal coarse tokens of it upsampled 2x (nearest).
+    x = torch.randn(1, 3, 64, 64)
+    up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fine.image_encoder.patch_embed.proj(x),
+                                   coarse.image_encoder.patch_embed.proj(up), rtol=1e-4, atol=1e-4)
+    # A relative-position table means the same distance in pixels: fine offset 2d = coarse offset d.
+    old, new = coarse.image_encoder.blocks[0].attn.rel_pos_h, state["image_encoder.blocks.0.attn.rel_pos_h"]
+    reach_old, reach_new = (len(old) - 1) // 2, (len(new) - 1) // 2
+    for d in range(-7, 8):
+        torch.testing.assert_close(new[reach_new + 2 * d], old[reach_old + d])
+    # Shape-free weights are copied as they are.
+    torch.testing.assert_close(fine.mask_decoder.iou_token.weight, coarse.mask_decoder.iou_token.weight)
+    assert fine.image_encoder.pos_embed.shape[1:3] == (32, 32)

@@ -1,9 +1,11 @@
 """The project's small SAM: ``segment_anything``'s own modules with a small image encoder.
 
-Only the image encoder is shrunk (256-px input, ViT embed 128, depth 4, 16 x 16 embedding grid).
+Only the image encoder is shrunk: 256-px input, patch 8 (a 32 x 32 embedding grid, so the mask
+decoder's low-res logits are 128 x 128), ViT embed 128, depth 4, attention in 16 x 16-token windows.
 The prompt encoder and the mask decoder are the standard 256-wide SAM ones, so the Stable-SAM
 plugin runs the exact code it runs on ViT-B/L/H. Trained from scratch on synthetic scenes by
-``scripts/train_small_sam.py``; the checkpoint ships in ``checkpoints/``.
+``scripts/train_small_sam.py`` (first at patch 16, then refined to patch 8); the checkpoint ships
+in ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 SAM_TINY_IMAGE_SIZE = 256
-SAM_TINY_PATCH_SIZE = 16
+SAM_TINY_PATCH_SIZE = 8
 PROMPT_EMBED_DIM = 256
 
 
-def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None) -> Sam:
-    """Assemble the small SAM; load ``checkpoint`` (a state dict, fp16 or fp32) when given."""
-    grid = SAM_TINY_IMAGE_SIZE // SAM_TINY_PATCH_SIZE
+def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None, patch_size: int = SAM_TINY_PATCH_SIZE) -> Sam:
+    """Assemble the small SAM; load ``checkpoint`` (a state dict, fp16 or fp32) when given.
+    A coarser ``patch_size`` than the committed model's is for the cheaper first stage of training."""
+    grid = SAM_TINY_IMAGE_SIZE // patch_size
     sam = Sam(
         image_encoder=ImageEncoderViT(
             img_size=SAM_TINY_IMAGE_SIZE,
-            patch_size=SAM_TINY_PATCH_SIZE,
+            patch_size=patch_size,
             embed_dim=128,
             depth=4,
             num_heads=4,
@@ -34,8 +37,10 @@ def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None) -> Sam:
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             qkv_bias=True,
             use_rel_pos=True,
-            global_attn_indexes=(1, 3),
-            window_size=8,
+            # No global layers: at 1024 tokens they tripled the encoder's training cost. A 16-token
+            # window is 128 px here, and the whole image at the coarse first stage's patch 16.
+            global_attn_indexes=(),
+            window_size=16,
             out_chans=PROMPT_EMBED_DIM,
         ),
         prompt_encoder=PromptEncoder(
