@@ -145,7 +145,7 @@ class StableSamBackend:
         self._schemas_lock = threading.Lock()
         self.jobs = JobManager(self.settings)
         self.store: Optional[PluginStore] = None
-        self._base: Optional[str] = None  # base model id, e.g. sam_tiny-72031059a784
+        self._base: Optional[str] = None  # base model id, e.g. sam_tiny-c867453b268e
         self._default_version: Optional[str] = None  # the default plugin's version
         self._pin: Optional[Serving] = None  # PLUGIN_VERSION
         self._serve_lock = threading.Lock()

@@ -1,8 +1,8 @@
 """The Label Studio ML backend through Flask's test client, with the committed small SAM.
 
 Masks are checked against the drawn objects (IoU), not just for shape. The floors were calibrated
-on the committed small-SAM checkpoint (sam_tiny-72031059a784): on the prompts asserted here a rough
-box gives IoU 0.93-0.98 and a click on the object 0.96-0.98 (0.86-0.97 and 0.97 with the earlier
+on the committed small-SAM checkpoint (sam_tiny-c867453b268e): on the prompts asserted here a rough
+box gives IoU 0.94-0.99 and a click on the object 0.97-0.98 (0.86-0.97 and 0.97 with the earlier
 patch-16 model); a broken coordinate conversion, a flipped or
 mis-sized mask or a mask of the wrong object scores far below 0.8.
 """
