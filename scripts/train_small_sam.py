@@ -1,4 +1,5 @@
-"""Train the project's small SAM from scratch on synthetic scenes (CPU is fine: the committed one took ~2.5 h on one core).
+"""Train the project's small SAM from scratch on synthetic scenes (CPU is fine: the committed one took
+~2.8 h on one core, in three runs).
 
 The committed checkpoint ``checkpoints/sam_tiny.pt`` was made by the command in README.md.
 """

@@ -36,8 +36,9 @@ from .prompts import error_point, mask_to_box, sam_jittered_box, sample_points
 
 @dataclass
 class PretrainConfig:
-    """The README's two commands (a patch-16 stage, then the patch-8 refinement) and these defaults
-    made the committed ``checkpoints/sam_tiny.pt``; each run's full config is in its summary JSON."""
+    """The README's three commands (a patch-16 run, then two patch-8 runs from its refined weights)
+    and these defaults made the committed ``checkpoints/sam_tiny.pt``; each run's full config is in
+    its summary JSON."""
 
     steps: int = 1600
     batch_size: int = 8
