@@ -3,8 +3,8 @@
 Masks are checked against the drawn objects (IoU), not just for shape. The floors were calibrated
 on the committed small-SAM checkpoint (sam_tiny-c867453b268e): on the prompts asserted here a rough
 box gives IoU 0.94-0.99 and a click on the object 0.97-0.98 (0.86-0.97 and 0.97 with the earlier
-patch-16 model); a broken coordinate conversion, a flipped or
-mis-sized mask or a mask of the wrong object scores far below 0.8.
+patch-16 model); a broken coordinate conversion, a flipped or mis-sized mask or a mask of the
+wrong object scores far below 0.8.
 """
 
 from __future__ import annotations

@@ -135,8 +135,7 @@ def test_negative_click_removes_the_neighbour_a_mask_spilled_onto(predictor, hel
         if len(big) < 2:
             continue
         a, b = big[:2]
-        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = mask_to_box(a), mask_to_box(b)
-        box = np.array([min(ax0, bx0), min(ay0, by0), max(ax1, bx1), max(ay1, by1)])
+        box = mask_to_box(a | b)
         (xa, ya), (xb, yb) = _centre_pixel(a), _centre_pixel(b)
         predictor.set_image(scene.image)
         pos = predictor.predict(box=box, point_coords=np.array([[xa + 0.5, ya + 0.5]]), point_labels=[1]).masks[0]
