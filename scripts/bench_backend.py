@@ -26,36 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from backend.app import create_app  # noqa: E402
 from backend.model import StableSamBackend  # noqa: E402
-from backend.prompts import group_prompts, parse_regions  # noqa: E402
 from backend.settings import BackendSettings  # noqa: E402
-from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, keypoint, loosen, rectangle  # noqa: E402
+from backend.regions import click_session, predict_regions  # noqa: E402
+from backend_helpers import RECOMMENDED_CONFIG, drawn_scene  # noqa: E402
 from stable_sam.build import build_from_settings  # noqa: E402
 from stable_sam.predictor import StableSamPredictor  # noqa: E402
-
-
-def click_session(scene, clicks: int):
-    """The growing region lists of one annotator session on one image."""
-    size = scene.size
-    m0, m1 = scene.masks
-    ys, xs = np.nonzero(m0)
-    rng = np.random.default_rng(0)
-    steps = [keypoint(*centroid(m0), size, rid="k0")]
-    k = 1
-    while len(steps) < clicks:
-        if len(steps) == 2:
-            steps.append(keypoint(*centroid(m1), size, positive=False, rid=f"k{k}"))  # Alt-click: not that one
-        elif len(steps) == 3:
-            steps.append(rectangle(loosen(scene.boxes[0], size), size, rid="r0"))
-        else:
-            i = rng.integers(len(xs))
-            steps.append(keypoint(xs[i] + 0.5, ys[i] + 0.5, size, rid=f"k{k}"))
-        k += 1
-    return [steps[: i + 1] for i in range(clicks)]
 
 
 def main() -> None:
@@ -93,25 +72,19 @@ def main() -> None:
         return dt
 
     def bare(regions):
-        groups, _ = group_prompts(parse_regions(regions), width, height)
-        (g,) = groups
         t = time.perf_counter()
-        if g.box is not None:
-            predictor.predict(point_coords=np.array([g.points]) if g.points else None,
-                              point_labels=np.array([g.point_labels]) if g.points else None, box=np.array([g.box]))
-        else:
-            predictor.predict(point_coords=np.array(g.points), point_labels=np.array(g.point_labels))
+        predict_regions(predictor, regions, (width, height))
         return time.perf_counter() - t
 
     # warm-up on an image outside the session (first-call allocations, lazy inits)
     warm = drawn_scene(99, width, height)
     predictor.set_image(warm.image)
-    for regions in click_session(warm, 3):
+    for regions in click_session(warm.masks, warm.boxes, warm.size, 3):
         bare(regions)
     calls_before = model.encoder_calls
     first, cached, direct = [], [], []
     for i, sc in enumerate(scenes):
-        session = click_session(sc, args.clicks)
+        session = click_session(sc.masks, sc.boxes, sc.size, args.clicks)
         first.append(post(i, session[0]))
         predictor.set_image(sc.image)  # cache hit: the backend already encoded it
         for regions in session[1:]:

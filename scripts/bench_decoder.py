@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,84 +24,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from stable_sam.benchmarking import compare_decoders, interactive_prompts, live_plugin, time_plugin_parts  # noqa: E402
 from stable_sam.build import build, build_sam, resolve_device  # noqa: E402
 from stable_sam.model import ImageEmbedding, StableSam  # noqa: E402
-from stable_sam.modeling.plugin import StableSamPlugin  # noqa: E402
 from stable_sam.predictor import StableSamPredictor  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
 
 
-def live_plugin(seed: int = 0) -> StableSamPlugin:
-    plugin = StableSamPlugin()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in plugin.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return plugin
-
-
-def prompts_for(h: int, w: int):
+def session_prompts(h: int, w: int):
     """One click, one box, a box with two clicks: the interactive prompts of a labeling session."""
-    return [
-        dict(point_coords=[[0.5 * w, 0.5 * h]], point_labels=[1]),
-        dict(box=[0.2 * w, 0.25 * h, 0.7 * w, 0.8 * h]),
-        dict(box=[0.2 * w, 0.25 * h, 0.7 * w, 0.8 * h], point_coords=[[0.4 * w, 0.5 * h], [0.6 * w, 0.3 * h]],
-             point_labels=[1, 0]),
-    ]
-
-
-def time_predictor(predictor: StableSamPredictor, prompts, use_plugin: bool, calls: int) -> tuple:
-    """Mean wall-clock and process-CPU milliseconds per predict() call over ``calls`` passes."""
-    sync = torch.cuda.synchronize if predictor.model.device.type == "cuda" else (lambda: None)
-    sync()
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        for p in prompts:
-            predictor.predict(use_plugin=use_plugin, **p)
-    sync()
-    n = calls * len(prompts)
-    return (time.perf_counter() - start) * 1000 / n, (time.process_time() - cpu) * 1000 / n
-
-
-def compare(predictor: StableSamPredictor, prompts, rounds: int, calls: int) -> dict:
-    """Alternating rounds; medians. CPU time is reported too: on a shared machine it is the steadier
-    measure of what the plugin costs, wall-clock is what a user waits."""
-    for use in (False, True):  # warm-up both paths
-        time_predictor(predictor, prompts, use, 2)
-    sam, stable = [], []
-    for _ in range(rounds):
-        sam.append(time_predictor(predictor, prompts, False, calls))
-        stable.append(time_predictor(predictor, prompts, True, calls))
-    s, t = statistics.median(w for w, _ in sam), statistics.median(w for w, _ in stable)
-    sc, tc = statistics.median(c for _, c in sam), statistics.median(c for _, c in stable)
-    return {"sam_ms": round(s, 3), "stable_sam_ms": round(t, 3), "ratio": round(t / s, 4),
-            "sam_cpu_ms": round(sc, 3), "stable_sam_cpu_ms": round(tc, 3), "cpu_ratio": round(tc / sc, 4)}
-
-
-def time_plugin_parts(plugin: StableSamPlugin, grid_hw: tuple, device: torch.device, calls: int) -> dict:
-    """Milliseconds per call of the plugin alone (one prompt on one grid) and of its C->C 1x1
-    projection alone: the projection is what the method mandates over the whole grid for every
-    prompt, so 1 + projection / plain SAM is a floor under the ratio whatever the rest costs."""
-    n, c = grid_hw[0] * grid_hw[1], plugin.config.dim
-    g = torch.Generator().manual_seed(1)
-    x, pe = (torch.randn((1, n, c), generator=g).to(device) for _ in range(2))
-    token = torch.randn((1, c), generator=g).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def per_call(fn) -> float:
-        with torch.inference_mode():
-            for _ in range(3):
-                fn()
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-        return (time.perf_counter() - start) * 1000 / calls
-
-    return {"plugin_ms": round(per_call(lambda: plugin(token, x, pe, grid_hw)), 3),
-            "projection_ms": round(per_call(lambda: plugin.dsp.proj(x)), 3)}
+    return [p for k, p in interactive_prompts(h, w).items() if k in ("click", "box", "box_2_clicks")]
 
 
 def main() -> None:
@@ -123,7 +54,7 @@ def main() -> None:
     predictor = StableSamPredictor(small)
     image = np.asarray(Image.open(EXAMPLE).convert("RGB"))
     predictor.set_image(image)
-    results["small"] = compare(predictor, prompts_for(*image.shape[:2]), args.rounds, calls=20)
+    results["small"] = compare_decoders(predictor, session_prompts(*image.shape[:2]), args.rounds, calls=20)
     results["small"].update(time_plugin_parts(small.plugin, small.sam.prompt_encoder.image_embedding_size,
                                               device, calls=200))
 
@@ -133,7 +64,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     embedding = torch.randn((1, 256, 64, 64), generator=g).to(device)
     predictor.set_embedding(ImageEmbedding(embedding, (h, w), (768, 1024), "random"))
-    results["vit_b"] = compare(predictor, prompts_for(h, w), args.rounds, calls=2 if device.type == "cpu" else 20)
+    results["vit_b"] = compare_decoders(predictor, session_prompts(h, w), args.rounds, calls=2 if device.type == "cpu" else 20)
     results["vit_b"].update(time_plugin_parts(vit_b.plugin, (64, 64), device, calls=20))
     for r in results.values():
         r["ratio_floor_projection"] = round(1 + r["projection_ms"] / r["sam_ms"], 4)

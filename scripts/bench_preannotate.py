@@ -26,78 +26,20 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from stable_sam.benchmarking import generated_folder, preprocessed_inputs, time_job  # noqa: E402
+from stable_sam.benchmarking import time_encoder as bench_time_encoder  # noqa: E402
 from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device  # noqa: E402
-from stable_sam.data.dataset import load_image  # noqa: E402
-from stable_sam.data.synthetic import SyntheticScenes  # noqa: E402
-from stable_sam.embedding_cache import EmbeddingCache  # noqa: E402
 from stable_sam.model import StableSam  # noqa: E402
 from stable_sam.modeling.plugin import StableSamPlugin  # noqa: E402
-from stable_sam.preannotation import WorkList, items_from_coco, run_offline  # noqa: E402
-from stable_sam.prompts import noisy_box  # noqa: E402
-
-BENCH_SEED = 4242  # a split of its own: neither training nor held-out scenes
-
-
-def make_folder(folder: Path, n: int, fmt: str, noise: float, size: int, max_boxes: int) -> int:
-    """n synthetic scenes as image files + ``boxes.json`` (one rough box per object, at most
-    ``max_boxes`` per image); returns the number of boxes."""
-    scenes = SyntheticScenes(seed=BENCH_SEED, size=size)
-    rng = np.random.default_rng(BENCH_SEED)
-    images, anns = [], []
-    for i in range(n):
-        s = scenes[i]
-        name = f"scene{i:04d}.{'jpg' if fmt == 'jpeg' else 'png'}"
-        Image.fromarray(s.image).save(folder / name, **({"quality": 92} if fmt == "jpeg" else {}))
-        h, w = s.image.shape[:2]
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-        for m in s.masks[:max_boxes]:
-            x0, y0, x1, y1 = (float(v) for v in noisy_box(m, noise, rng))
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
-    (folder / "boxes.json").write_text(json.dumps(coco))
-    return len(anns)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_encoder(model, paths) -> float:
-    """Mean seconds of the image encoder's forward per image (images read and preprocessed first)."""
-    inputs = [model.preprocess(load_image(p))[0] for p in paths]
-    total = 0.0
-    with torch.inference_mode():
-        for x in inputs:
-            sync(model.device)
-            t = time.perf_counter()
-            with model.encoder_autocast():
-                model.sam.image_encoder(x)
-            sync(model.device)
-            total += time.perf_counter() - t
-    return total / len(inputs)
-
-
-def time_job(model, work, out: Path, threaded: bool):
-    model.cache = EmbeddingCache(max_mb=1024)  # every image is encoded, as in a fresh run
-    summary = run_offline(model, work, out, read_ahead=4 if threaded else 0, encode_ahead=threaded,
-                          fresh=True, progress=False)
-    if summary.failed or summary.processed != len(work.items):
-        raise RuntimeError(f"the job failed on {summary.failed}")
-    return summary
+from stable_sam.preannotation import WorkList  # noqa: E402
 
 
 def add_folder_args(ap: argparse.ArgumentParser, images: int) -> None:
@@ -113,11 +55,14 @@ def add_folder_args(ap: argparse.ArgumentParser, images: int) -> None:
 def generated_work(args: argparse.Namespace, prefix: str) -> Tuple[Path, WorkList, int]:
     """A new temporary folder with the scenes ``args`` ask for: (the folder, its work list, the
     number of boxes); the images are in ``<folder>/images``."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    folder = tmp / "images"
-    folder.mkdir()
-    boxes = make_folder(folder, args.images, args.format, args.noise, args.size, args.max_boxes)
-    return tmp, items_from_coco(folder / "boxes.json", folder), boxes
+    g = generated_folder(args.images, args.format, args.noise, args.size, args.max_boxes, prefix)
+    return g.root, g.work, g.boxes
+
+
+def time_encoder(model, paths) -> float:
+    """Mean seconds of the image encoder's forward per image (images read and preprocessed first),
+    under the model's own precision policy."""
+    return bench_time_encoder(model, preprocessed_inputs(model, paths), default_policy=True)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw, ImageFilter
 
+from backend.regions import centroid, keypoint, loosen, rectangle  # noqa: F401 - re-exported
 from stable_sam.metrics import mask_iou
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,47 +67,6 @@ def drawn_scene(seed: int = 0, width: int = 240, height: int = 180) -> DrawnScen
         masks.append(mask)
         boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
     return DrawnScene(np.asarray(canvas).copy(), masks, boxes)
-
-
-def centroid(mask: np.ndarray) -> Tuple[float, float]:
-    """A point well inside the mask (the pixel farthest from the mask's border, roughly)."""
-    ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean(), ys.mean()
-    if mask[int(cy), int(cx)]:
-        return float(cx) + 0.5, float(cy) + 0.5
-    i = np.argmin((xs - cx) ** 2 + (ys - cy) ** 2)
-    return float(xs[i]) + 0.5, float(ys[i]) + 0.5
-
-
-def keypoint(x: float, y: float, size: Tuple[int, int], positive: bool = True, rid: str = "kp1",
-             label: str = "Object", from_name: str = "kp", style: str = "is_positive") -> dict:
-    w, h = size
-    item = {"id": rid, "from_name": from_name, "to_name": "image", "type": "keypointlabels", "origin": "manual",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"x": 100.0 * x / w, "y": 100.0 * y / h, "width": 0.6, "keypointlabels": [label]}}
-    if style == "is_positive":
-        item["is_positive"] = positive
-    elif not positive:
-        item["value"]["positive"] = False
-    return item
-
-
-def rectangle(box, size: Tuple[int, int], rid: str = "r1", label: str = "Object", from_name: str = "rect",
-              rotation: float = 0.0) -> dict:
-    w, h = size
-    x0, y0, x1, y1 = box
-    return {"id": rid, "from_name": from_name, "to_name": "image", "type": "rectanglelabels", "origin": "manual",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"x": 100.0 * x0 / w, "y": 100.0 * y0 / h, "width": 100.0 * (x1 - x0) / w,
-                      "height": 100.0 * (y1 - y0) / h, "rotation": rotation, "rectanglelabels": [label]}}
-
-
-def loosen(box, size, frac: float = 0.1):
-    """A rough box: each side pushed out by ``frac`` of the box side, clamped to the image."""
-    w, h = size
-    x0, y0, x1, y1 = box
-    dx, dy = frac * (x1 - x0), frac * (y1 - y0)
-    return (max(0, x0 - dx), max(0, y0 - dy), min(w, x1 + dx), min(h, y1 + dy))
 
 
 def result_mask(result: dict) -> np.ndarray:

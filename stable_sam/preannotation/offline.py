@@ -114,16 +114,23 @@ class ImagePipeline:
     ``(item, record, None)`` for a finished image and ``(item, None, reason)`` for a failed one, in
     item order. One bad image never stops it. The single-machine job and each Ray worker run this.
     ``read_ahead=0``: no background threads (the serial baseline); ``encode_ahead=False``: encode in
-    the iterating thread; None: ``encode_ahead_helps`` on the model's device. ``stage_s``: busy seconds of each stage and the wait for the encoder."""
+    the iterating thread; None: ``encode_ahead_helps`` on the model's device. ``stage_s``: busy seconds of each stage and the wait for the encoder.
+    ``encoder_stream``: on CUDA, the encoder thread queues its work on a CUDA stream of its own, so
+    the decoder's device-to-host copies wait only for the decoder's kernels, not for the encoder's
+    queued image too (None: whenever it encodes ahead on CUDA)."""
 
     def __init__(self, model: StableSam, items: Sequence[WorkItem], auto: Optional[AutoConfig] = None,
                  auto_category: int = 0, png_dir: Optional[Path] = None, read_ahead: int = 4,
-                 encode_ahead: Optional[bool] = None) -> None:
+                 encode_ahead: Optional[bool] = None, encoder_stream: Optional[bool] = None) -> None:
         if encode_ahead is None:
             encode_ahead = encode_ahead_helps(model.device)
+        ahead = bool(read_ahead and encode_ahead)
+        if encoder_stream is None:
+            encoder_stream = ahead
+        self.stream = torch.cuda.Stream(model.device) if encoder_stream and ahead and model.device.type == "cuda" else None
         self.model, self.auto, self.auto_category, self.png_dir = model, auto, auto_category, png_dir
         self.reader = ReadAhead(items, self._read, depth=read_ahead, name="preannotate-read")
-        self.encoder = ReadAhead(self.reader, self._encode, depth=2 if read_ahead and encode_ahead else 0,
+        self.encoder = ReadAhead(self.reader, self._encode, depth=2 if ahead else 0,
                                  name="preannotate-encode")
         self.work_s = 0.0
 
@@ -135,7 +142,17 @@ class ImagePipeline:
         if error is not None:
             raise error
         # images without prompts need the encoder only in automatic mode
-        return self.model.embed(image) if item.objects or self.auto is not None else None
+        if not item.objects and self.auto is None:
+            return None
+        if self.stream is None:
+            return self.model.embed(image)
+        with torch.cuda.stream(self.stream):
+            emb = self.model.embed(image)
+        # Finished before it is handed over (this thread has nothing else to do meanwhile), and
+        # marked as used on the decoder's stream so its memory is not reused while that reads it.
+        self.stream.synchronize()
+        emb.embedding.record_stream(torch.cuda.default_stream(self.model.device))
+        return emb
 
     def __iter__(self) -> Iterator[Tuple[WorkItem, Optional[Dict[str, Any]], Optional[str]]]:
         for (item, image, _), emb, error in self.encoder:
@@ -164,12 +181,13 @@ class ImagePipeline:
 def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optional[Path] = None,
                 auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
                 fresh: bool = False, read_ahead: int = 4, encode_ahead: Optional[bool] = None,
-                progress: bool = True) -> OfflineSummary:
+                progress: bool = True, encoder_stream: Optional[bool] = None) -> OfflineSummary:
     """Pre-annotate ``work`` into ``output`` (COCO JSON). ``auto``: segment images without prompts
     automatically (category ``auto_label``). ``limit``: at most that many images this run.
     ``fresh``: ignore (delete) the journal of an earlier run. ``read_ahead=0``: no background
     threads at all (the serial baseline of the benchmark); ``encode_ahead=False``: encode in the
-    calling thread (None: when it helps, see ``encode_ahead_helps``)."""
+    calling thread (None: when it helps, see ``encode_ahead_helps``); ``encoder_stream``: see
+    ``ImagePipeline``."""
     output = Path(output)
     work, auto_category = prepare_work(work, auto, auto_label)
     journal = Journal(journal_path(output), run_key(model.version, work, auto, png_dir), fresh=fresh)
@@ -178,7 +196,7 @@ def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optiona
     if limit is not None:
         todo = todo[:max(limit, 0)]
 
-    pipeline = ImagePipeline(model, todo, auto, auto_category, png_dir, read_ahead, encode_ahead)
+    pipeline = ImagePipeline(model, todo, auto, auto_category, png_dir, read_ahead, encode_ahead, encoder_stream)
     failed: List[Tuple[str, str]] = []
     processed = 0
     journal_s = 0.0
