@@ -21,37 +21,85 @@ import base64
 import hashlib
 import hmac
 import logging
+import socket
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .errors import BadInput
+from .errors import BadInput, ClientGone, clip
 from .model import TRAIN_EVENTS, StableSamBackend, project_id
 from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
 PUBLIC_ROUTES = ("/health",)
+MESSAGE_CHARS = 2000  # a backstop: messages quote what was sent through ``clip`` already
 
 
 def _error(message: str, status: int) -> Response:
-    resp = jsonify({"error": message, "status": status})
+    resp = jsonify({"error": message[:MESSAGE_CHARS], "status": status})
     resp.status_code = status
     return resp
 
 
+def _parse_json(raw: bytes) -> Any:
+    """The body's JSON; BadInput (400) when it is not JSON or is nested past Python's recursion
+    limit (json raises RecursionError there, not ValueError)."""
+    try:
+        return current_app.json.loads(raw)
+    except RecursionError:
+        raise BadInput(f"JSON body nested too deeply ({len(raw)} bytes): expected a JSON object") from None
+    except ValueError as e:  # also bad UTF-8 and integers over Python's 4,300 digits
+        raise BadInput(f"malformed JSON body ({len(raw)} bytes: {clip(str(e), 100)}): expected a JSON object") from None
+
+
+def _body_bytes() -> bytes:
+    raw = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body (no Content-Length) is cut at the limit by werkzeug, not refused: a body that
+    # reaches the limit is over it.
+    if limit and len(raw) >= limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
 def _json_body() -> Dict[str, Any]:
-    data = request.get_json(silent=True, force=True)
-    if data is None:
-        raw = request.get_data(cache=True)
-        if not raw:
-            raise BadInput("empty request body: expected a JSON object")
-        raise BadInput(f"malformed JSON body ({len(raw)} bytes): expected a JSON object")
+    raw = _body_bytes()
+    if not raw.strip():
+        raise BadInput("empty request body: expected a JSON object")
+    data = _parse_json(raw)
     if not isinstance(data, dict):
         raise BadInput(f"the JSON body must be an object, got {type(data).__name__}")
     return data
+
+
+def _optional_json_body() -> Dict[str, Any]:
+    """The body's JSON object for routes where it is optional: {} when there is none."""
+    raw = _body_bytes()
+    data = _parse_json(raw) if raw.strip() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def _client_gone_check() -> Optional[Callable[[], bool]]:
+    """A cheap test of whether the client has closed its connection (gunicorn and werkzeug's
+    server put the socket in the environ; None elsewhere, e.g. Flask's test client)."""
+    sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:  # the body has been read: an orderly close reads as b"", a live client as no data
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionError:
+            return True
+        except (OSError, ValueError):  # e.g. a TLS socket refuses recv flags: assume connected
+            return False
+
+    return gone
 
 
 def _check_auth(settings: BackendSettings) -> bool:
@@ -103,8 +151,17 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
 
     @app.errorhandler(BadInput)
     def _bad_input(e: BadInput):
-        log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
+        if isinstance(e, ClientGone):
+            log.info("%s %s: %s", request.method, request.path, e.message)
+        else:
+            log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e.message[:MESSAGE_CHARS])
         return _error(e.message, e.status)
+
+    @app.errorhandler(RecursionError)
+    def _too_deep(e: RecursionError):
+        # JSON nested within Python's parser limit can still be too deep for code walking it
+        log.warning("%s %s -> 400: input nested too deeply", request.method, request.path)
+        return _error("input nested too deeply", 400)
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):
@@ -147,7 +204,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
         kind = "interactive" if context else "batch"
         t = time.perf_counter()
         results = backend.predict(tasks, context=context, label_config=data.get("label_config"),
-                                  project=data.get("project"))
+                                  project=data.get("project"), client_gone=_client_gone_check())
         metrics.count("predict_seconds_total", time.perf_counter() - t, kind=kind)
         metrics.count("predict_calls_total", kind=kind)
         return jsonify({"results": results})
@@ -159,7 +216,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
         if not isinstance(action, str) or not action:
             raise BadInput("webhook body needs an 'action'")
         if action not in TRAIN_EVENTS:
-            return jsonify({"status": "Unknown event", "action": action}), 200
+            return jsonify({"status": "Unknown event", "action": action[:100]}), 200
         metrics.count("webhook_events_total", action=action)
         result = backend.fit(action, data)
         log.info("webhook %s: %s", action, {k: v for k, v in result.items() if k in ("status", "job_id", "project",
@@ -182,13 +239,13 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
             return None
         pid = project_id(raw)
         if pid is None:
-            raise BadInput(f"project={raw!r} is not a Label Studio project id")
+            raise BadInput(f"project={clip(raw)} is not a Label Studio project id")
         return pid
 
     @app.get("/versions")
     def versions():
         # Label Studio sends GET /versions with no query (its JSON body is dropped by GET)
-        return jsonify(backend.versions(_project_arg(request.get_json(silent=True))))
+        return jsonify(backend.versions(_project_arg(_optional_json_body())))
 
     @app.post("/versions/activate")
     def versions_activate():
@@ -205,8 +262,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
 
     @app.post("/train/cancel")
     def train_cancel():
-        data = request.get_json(silent=True) or {}
-        data = data if isinstance(data, dict) else {}
+        data = _optional_json_body()
         job_id = request.args.get("job_id") or data.get("job_id")
         project = _project_arg(data)
         if job_id is None and project is None:

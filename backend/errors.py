@@ -28,3 +28,25 @@ class ImageTooLarge(BadInput):
     """The image is over MAX_IMAGE_PIXELS or MAX_IMAGE_MB."""
 
     status = 413
+
+
+class ClientGone(BadInput):
+    """The client closed the connection: the rest of its request's work is skipped (nginx's 499;
+    nobody reads the answer)."""
+
+    status = 499
+
+
+ECHO_CHARS = 100  # how much of a value sent to us is repeated in a message or a log line
+
+
+def clip(value: object, n: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``n`` characters, for echoing what a client sent: a 1 MB name must
+    not come back whole in the answer or the log. Containers are summarised, not walked (a deeply
+    nested one would recurse)."""
+    if isinstance(value, (dict, list, tuple)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit integer>"  # repr of a huge int is slow (and capped by Python)
+    text = repr(value)
+    return text if len(text) <= n else f"{text[:n - 3]}... ({len(text)} characters)"

@@ -4,7 +4,10 @@ gthread workers: /health and /setup answer from another thread while a click is 
 Each worker process loads its own model, lazily; ``preload_app`` stays off on purpose.
 """
 
+import json
 import threading
+
+import gunicorn.util
 
 from backend.settings import BackendSettings
 
@@ -21,6 +24,19 @@ preload_app = False
 loglevel = _s.log_level.lower()
 accesslog = "-"
 errorlog = "-"
+
+
+def _json_write_error(sock, status_int, reason, mesg):
+    """gunicorn's own error answers (414 request line too long, 431 headers too large, 400 bad
+    request line...) as the backend's JSON ``{"error", "status"}`` instead of an HTML page; gunicorn
+    has no setting for them, so its writer is replaced (the master loads this file before forking)."""
+    body = json.dumps({"error": f"{reason}: {mesg}"[:300], "status": int(status_int)}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1", "replace")
+    gunicorn.util.write_nonblock(sock, head + body)
+
+
+gunicorn.util.write_error = _json_write_error
 
 
 def post_worker_init(worker):

@@ -38,14 +38,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from stable_sam.checkpoint import TEMP_SUFFIX, atomic_write_json
 
-from .errors import BadInput
+from .errors import BadInput, clip
 from .settings import BackendSettings
 from .training import LOCK_FD_ENV, job_status_path, scope_of, utc_now
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_ID = re.compile(r"^project-(\d+)-\d{14}-[0-9a-f]{6}$")
+JOB_ID = re.compile(r"^project-(\d{1,19})-\d{14}-[0-9a-f]{6}\Z", re.ASCII)  # ASCII: \d would take "٣"
 CANCEL_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 JOB_HISTORY = 50  # a project's newest jobs whose status and log files are kept
 RUNNING = "running"
@@ -219,7 +219,7 @@ class JobManager:
                 return {"project": project, "status": "none", "message": f"no training job has run for project {project}"}
         m = JOB_ID.match(job_id) if isinstance(job_id, str) else None
         if not m:
-            raise BadInput(f"{job_id!r} is not a training job id (project-<N>-<time>-<hex>)")
+            raise BadInput(f"{clip(job_id)} is not a training job id (project-<N>-<time>-<hex>)")
         project = int(m.group(1))
         with self._control(project):
             st = self._read(job_id)

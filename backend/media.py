@@ -6,9 +6,14 @@ presign URL) with our own ``requests`` session (timeouts, a byte limit). Authent
 token is sent as ``Token``; a personal access token (a JWT refresh token) gets 401 when sent as
 is, so it is exchanged at ``/api/token/refresh/`` for an access token (5 min), cached.
 
+Every http(s) connection of a download is checked as it opens (so redirects and DNS answers are
+checked too): an address that is not public (loopback, private, link-local, ...) is refused unless
+its host is LABEL_STUDIO_URL's or in SSRF_ALLOWED_HOSTS (``AddressGuard``); and a download that
+has not finished by FETCH_DEADLINE_S has its sockets shut down (``_Download``).
+
 Images are decoded with EXIF orientation applied (the browser shows them so, and Label Studio's
 ``original_width``/``original_height`` are of the oriented picture) and refused over
-MAX_IMAGE_PIXELS before their pixels are decoded.
+MAX_IMAGE_PIXELS before their pixels are decoded. 16-bit and float images are scaled to 8 bits.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import logging
+import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 import jwt
@@ -29,37 +37,167 @@ import numpy as np
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_io
 from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import BadInput, ImageTooLarge, ImageUnavailable
+from .errors import BadInput, ImageTooLarge, ImageUnavailable, clip
 from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
+MAX_URL_CHARS = 16384  # an image URL (not data:) longer than this is refused: S3 presigned URLs are ~2 KB
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+class AddressRefused(BadInput):
+    """An image URL that leads to an address SSRF protection does not let the backend reach."""
+
+    status = 403
+
+
+class AddressGuard:
+    """Which addresses image downloads may connect to: public ones, and others only for Label
+    Studio's own host and SSRF_ALLOWED_HOSTS (host names, IP addresses, CIDR networks)."""
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self.enabled = settings.ssrf_protection
+        self.names: set = set()
+        self.networks: List[Any] = []
+        for item in settings.ssrf_allowed_hosts:
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.names.add(item.lower().rstrip("."))
+        ls_host = urlparse(settings.label_studio_url).hostname if settings.label_studio_url else None
+        if ls_host:
+            self.names.add(ls_host.lower().rstrip("."))
+
+    def refusal(self, host: str, address: str) -> Optional[str]:
+        """None when ``host`` (connected at ``address``) may be read, else why not."""
+        if not self.enabled:
+            return None
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_global and not ip.is_multicast:
+            return None
+        name = host.lower().strip("[]").rstrip(".")
+        if name in self.names or any(ip in net for net in self.networks):
+            return None
+        kind = ("a loopback" if ip.is_loopback else "a link-local" if ip.is_link_local
+                else "a private" if ip.is_private else "a non-public")
+        return (f"{clip(host, 60)} is at {ip}, {kind} address: refused by SSRF protection; allow it with "
+                f"SSRF_ALLOWED_HOSTS={host if len(host) <= 60 else ip} (host names, IPs or CIDR networks, "
+                f"comma-separated) or turn the protection off with SSRF_PROTECTION=0")
+
+
+class _Download:
+    """One image download: every connection it opens is checked against the guard, and all of
+    them are shut down when FETCH_DEADLINE_S passes (a read blocked on a trickling server then
+    fails at once)."""
+
+    def __init__(self, guard: AddressGuard, deadline_s: float) -> None:
+        self.guard, self.deadline_s = guard, deadline_s
+        self.deadline = time.monotonic() + deadline_s
+        self.expired = False
+        self._sockets: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def on_connect(self, host: str, sock: socket.socket) -> None:
+        why = self.guard.refusal(host, sock.getpeername()[0])
+        if why is not None:
+            raise AddressRefused(f"image host {why}")
+        with self._lock:
+            if self.expired:
+                raise self.timeout_error()
+            self._sockets.append(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def timeout_error(self) -> ImageUnavailable:
+        return ImageUnavailable(f"the image download did not finish within FETCH_DEADLINE_S ({self.deadline_s:g} s)")
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+
+def _guarded_pools(on_connect: Callable[[str, socket.socket], None]) -> Dict[str, type]:
+    """urllib3 pool classes whose connections call ``on_connect(host, socket)`` once connected
+    (before TLS and before a byte is sent)."""
+
+    def guarded(base: type) -> type:
+        class Guarded(base):
+            def _new_conn(self):
+                sock = super()._new_conn()
+                try:
+                    on_connect(self.host, sock)
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+        return Guarded
+
+    http_conn, https_conn = guarded(HTTPConnection), guarded(HTTPSConnection)
+    return {"http": type("GuardedPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("GuardedTLSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})}
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def __init__(self, download: _Download) -> None:
+        self._download = download  # before HTTPAdapter.__init__, which makes the pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _guarded_pools(self._download.on_connect)
+
 
 class _LimitedSession(requests.Session):
-    """A session whose GETs have a timeout and read at most ``max_bytes`` of body."""
+    """A session for one download: GETs with a per-read timeout, at most ``max_bytes`` of body,
+    connections checked and cut at the deadline by ``download``."""
 
-    def __init__(self, timeout: float, max_bytes: int) -> None:
+    def __init__(self, timeout: float, max_bytes: int, download: _Download) -> None:
         super().__init__()
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.download = download
+        adapter = _GuardedAdapter(download)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
 
     def get(self, url, **kwargs):  # noqa: D401 - requests' signature
-        kwargs.setdefault("timeout", self.timeout)
+        kwargs.setdefault("timeout", max(min(self.timeout, self.download.remaining()), 0.001))
         kwargs["stream"] = True
         r = super().get(url, **kwargs)
         if r.ok:
-            length = r.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > self.max_bytes:
+            length = r.headers.get("Content-Length", "").strip()
+            if length.isascii() and length.isdigit() and int(length) > self.max_bytes:
                 r.close()
-                raise ImageTooLarge(f"image at {url} is {int(length) / 2**20:.1f} MB, over MAX_IMAGE_MB "
+                raise ImageTooLarge(f"image at {_short(url)} is {int(length) / 2**20:.1f} MB, over MAX_IMAGE_MB "
                                     f"({self.max_bytes / 2**20:g} MB)")
             buf = bytearray()
             for chunk in r.iter_content(1 << 16):
                 buf += chunk
                 if len(buf) > self.max_bytes:
                     r.close()
-                    raise ImageTooLarge(f"image at {url} is over MAX_IMAGE_MB ({self.max_bytes / 2**20:g} MB)")
+                    raise ImageTooLarge(f"image at {_short(url)} is over MAX_IMAGE_MB ({self.max_bytes / 2**20:g} MB)")
+                if self.download.expired:
+                    r.close()
+                    raise self.download.timeout_error()
             r._content = bytes(buf)
             r._content_consumed = True
         return r
@@ -119,12 +257,38 @@ def decode_image(data: bytes, max_pixels: int, what: str) -> np.ndarray:
     try:
         with _pil_limit(max_pixels):
             img = ImageOps.exif_transpose(img)
-            arr = np.asarray(img.convert("RGB"))
+            arr = to_rgb8(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageUnavailable(f"{what} could not be decoded: {e.__class__.__name__}: {str(e)[:200]}") from None
     if arr.ndim != 3 or min(arr.shape[:2]) < 1:
         raise ImageUnavailable(f"{what} decodes to an empty image {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8. PIL's own conversion clips 16-bit and float samples at 255; here they are
+    scaled: 16-bit by 255/65535, 32-bit integers and floats from their range (floats in 0..1 as
+    0..1), so a 16-bit copy of an image gives the same pixels as the 8-bit one."""
+    if img.mode not in HIGH_BIT_DEPTH_MODES:
+        return np.asarray(img.convert("RGB"))
+    a = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        scaled = a / 257.0
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+            lo, hi = float(a.min()), float(a.max())
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            scaled = a * 255.0
+        elif lo >= 0.0 and hi <= 255.0:
+            scaled = a  # already 8-bit values
+        elif lo >= 0.0 and hi <= 65535.0:
+            scaled = a / 257.0  # 16-bit samples in a 32-bit mode
+        else:
+            scaled = (a - lo) * (255.0 / (hi - lo))
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 class _pil_limit:
@@ -152,6 +316,7 @@ class ImageLoader:
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
         self.tokens = TokenSource(settings.label_studio_url, settings.label_studio_api_key, settings.fetch_timeout_s)
+        self.guard = AddressGuard(settings)
         self.max_bytes = int(settings.max_image_mb * 2**20)
         self._cache: "OrderedDict[Tuple[str, Any], Tuple[float, np.ndarray, Dict[str, Any]]]" = OrderedDict()
         self._lock = threading.Lock()
@@ -191,8 +356,10 @@ class ImageLoader:
         """The image for ``url`` and a dict ``on_loaded(image)`` attached to it in the cache (the
         backend keeps the image's embedding there, so a repeated click is decoder-only)."""
         if not isinstance(url, str) or not url.strip():
-            raise BadInput(f"the task's image URL must be a non-empty string, got {url!r}")
+            raise BadInput(f"the task's image URL must be a non-empty string, got {clip(url)}")
         url = url.strip()
+        if len(url) > MAX_URL_CHARS and not url.startswith("data:"):
+            raise BadInput(f"image URL {_short(url)} is {len(url)} characters long, over {MAX_URL_CHARS}")
         hit = self.cached(url, task_id)
         if hit is not None:
             return hit
@@ -209,16 +376,22 @@ class ImageLoader:
         if root is None:
             raise BadInput(f"image {_short(path)} is a local path; local files are read only under "
                            f"LOCAL_FILES_DOCUMENT_ROOT, which is not set")
-        full = (root / path.lstrip("/")).resolve() if relative else Path(path).resolve()
+        try:
+            full = (root / path.lstrip("/")).resolve() if relative else Path(path).resolve()
+        except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
+            raise BadInput(f"image {_short(path)} is not a usable local path ({e.__class__.__name__})") from None
         if full != root and root not in full.parents:
             raise BadInput(f"image {_short(path)} is outside LOCAL_FILES_DOCUMENT_ROOT ({root})")
         return full
 
     def _read_file(self, path: Path, shown: str) -> bytes:
         try:
-            size = path.stat().st_size
-        except OSError:
-            raise ImageUnavailable(f"image {shown}: no such file") from None
+            st = path.stat()
+        except OSError as e:  # missing, or a name too long for the file system
+            raise ImageUnavailable(f"image {shown}: no such file ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInput(f"image {shown} is not a file (a directory or a device)")
+        size = st.st_size
         if size > self.max_bytes:
             raise ImageTooLarge(f"image {shown} is {size / 2**20:.1f} MB, over MAX_IMAGE_MB "
                                 f"({self.settings.max_image_mb:g} MB)")
@@ -246,7 +419,11 @@ class ImageLoader:
         if url.startswith("/data/") and "?d=" in url and self.settings.local_files_root is not None:
             rel = parse_qs(urlparse(url).query, keep_blank_values=True).get("d", [""])[-1]
             path = self._local_path(rel, relative=True)
-            if path.is_file():
+            try:
+                exists = path.exists()
+            except OSError:  # a name too long for the file system
+                exists = False
+            if exists:  # else Label Studio may serve it (its own root can differ)
                 return self._read_file(path, shown)
         needs_ls = url.startswith(("/", "upload")) or ls_io.is_cloud_storage_uri(url)
         if needs_ls and not self.settings.label_studio_url:
@@ -259,7 +436,8 @@ class ImageLoader:
         if not needs_ls and not url.startswith(("http://", "https://")):
             raise BadInput(f"image {shown}: unsupported URL form (expected /data/upload/..., http(s)://, "
                            f"s3://, gs://, azure-blob://, a local path or a data: URL)")
-        session = _LimitedSession(self.settings.fetch_timeout_s, self.max_bytes)
+        download = _Download(self.guard, self.settings.fetch_deadline_s)
+        session = _LimitedSession(self.settings.fetch_timeout_s, self.max_bytes, download)
         try:
             token = self.tokens.token() if self.settings.label_studio_api_key else None
             with ls_io.http_session(session):
@@ -273,13 +451,18 @@ class ImageLoader:
             raise ImageUnavailable(f"image {shown}: HTTP {code} from {_short(e.request.url if e.request else url)}"
                                    f"{hint}") from None
         except requests.RequestException as e:
+            if download.expired:
+                raise download.timeout_error() from None
             raise ImageUnavailable(f"image {shown} is unreachable: {e.__class__.__name__}") from None
         except (FileNotFoundError, ValueError) as e:
-            raise BadInput(f"image {shown}: {e}") from None
+            raise BadInput(f"image {shown}: {clip(str(e), 200)}") from None
+        except OSError as e:  # the SDK reading a Local Storage path itself (a directory, say)
+            raise ImageUnavailable(f"image {shown} cannot be read: {e.__class__.__name__}") from None
         finally:
+            download.close()
             session.close()
         return base64.b64decode(b64)
 
 
-def _short(url: str, n: int = 120) -> str:
+def _short(url: str, n: int = 100) -> str:
     return url if len(url) <= n else url[: n - 3] + "..."

@@ -18,12 +18,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import BadInput
+from .errors import BadInput, clip
 
 KEYPOINT_TYPES = ("keypointlabels", "keypoint")
 RECTANGLE_TYPES = ("rectanglelabels", "rectangle")
 PROMPT_TYPES = KEYPOINT_TYPES + RECTANGLE_TYPES
-PROMPT_CONTROL_TAGS = ("KeyPointLabels", "KeyPoint", "RectangleLabels", "Rectangle")
+KEYPOINT_CONTROL_TAGS = ("KeyPointLabels", "KeyPoint")
+RECTANGLE_CONTROL_TAGS = ("RectangleLabels", "Rectangle")
+PROMPT_CONTROL_TAGS = KEYPOINT_CONTROL_TAGS + RECTANGLE_CONTROL_TAGS
+# A claimed image side above this is refused: it keeps every size computation a finite float.
+MAX_IMAGE_SIDE = 2**31 - 1
+REGION_ID_CHARS = 100  # a longer region id is cut (Label Studio's are about 10 characters)
 # Label Studio's frontend can report an edge a hair beyond 100 %; more than this is an error.
 PERCENT_TOLERANCE = 0.01
 
@@ -46,14 +51,15 @@ class Region:
     original_width: Optional[int] = None
     original_height: Optional[int] = None
 
-    def box_percent(self) -> Tuple[float, float, float, float]:
+    def box_percent(self, size: Optional[Tuple[int, int]] = None) -> Tuple[float, float, float, float]:
         """Axis-aligned x0, y0, x1, y1 in percent; rotation (degrees, about the top-left corner,
-        as Label Studio draws it) is replaced by the bounding box of the rotated corners."""
+        as Label Studio draws it) is replaced by the bounding box of the rotated corners, rotated
+        in pixels of ``size`` (the decoded image), else of the claimed original size."""
         if not self.rotation:
             return self.x, self.y, self.x + self.width, self.y + self.height
         # Rotate in pixel space when the size is known: percent axes are not isotropic.
-        sx = (self.original_width or 100) / 100.0
-        sy = (self.original_height or 100) / 100.0
+        w0, h0 = size or (self.original_width or 100, self.original_height or 100)
+        sx, sy = w0 / 100.0, h0 / 100.0
         a = math.radians(self.rotation)
         ca, sa = math.cos(a), math.sin(a)
         w, h = self.width * sx, self.height * sy
@@ -92,13 +98,13 @@ class PromptGroup:
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or value is None:
-        raise BadInput(f"{what} must be a number, got {value!r}")
+        raise BadInput(f"{what} must be a number, got {clip(value)}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
-        raise BadInput(f"{what} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
+        raise BadInput(f"{what} must be a number (a finite float), got {clip(value)}") from None
     if not math.isfinite(out):
-        raise BadInput(f"{what} is {value!r}: coordinates must be finite numbers in 0..100 (percent)")
+        raise BadInput(f"{what} is {clip(value)}: coordinates must be finite numbers in 0..100 (percent)")
     return out
 
 
@@ -113,8 +119,8 @@ def _size(value: Any, what: str) -> Optional[int]:
     if value is None:
         return None
     out = _number(value, what)
-    if out < 1 or out != int(out):
-        raise BadInput(f"{what} = {value!r} must be a positive whole number of pixels")
+    if out < 1 or out != int(out) or out > MAX_IMAGE_SIDE:
+        raise BadInput(f"{what} = {clip(value)} must be a whole number of pixels in 1..{MAX_IMAGE_SIDE}")
     return int(out)
 
 
@@ -122,10 +128,14 @@ def parse_region(item: Any, index: int) -> Optional[Region]:
     """A result dict -> Region, or None when it is not a keypoint / rectangle (ignored)."""
     if not isinstance(item, dict):
         raise BadInput(f"context.result[{index}] must be an object, got {type(item).__name__}")
-    rtype = str(item.get("type", "")).lower()
+    rtype = item.get("type")
+    rtype = rtype.lower() if isinstance(rtype, str) else ""
     if rtype not in PROMPT_TYPES:
         return None
-    where = f"context.result[{index}] ({rtype} {item.get('id', '')!s})".replace(" )", ")")
+    rid = item.get("id")
+    usable = isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool) and rid.bit_length() <= 64)
+    rid = str(rid)[:REGION_ID_CHARS] if usable and rid else f"r{index}"
+    where = f"context.result[{index}] ({rtype} {rid[:40]})"
     value = item.get("value")
     if not isinstance(value, dict):
         raise BadInput(f"{where}: 'value' must be an object")
@@ -138,7 +148,7 @@ def parse_region(item: Any, index: int) -> Optional[Region]:
     positive = not (item.get("is_positive") is False or value.get("positive") is False)
     kind = "keypoint" if rtype in KEYPOINT_TYPES else "rectangle"
     region = Region(
-        id=str(item.get("id") or f"r{index}"), kind=kind, from_name=from_name, to_name=to_name,
+        id=rid, kind=kind, from_name=from_name, to_name=to_name,
         label=labels[0] if labels else None, positive=positive,
         x=_percent(value.get("x"), f"{where}: x"), y=_percent(value.get("y"), f"{where}: y"),
         original_width=_size(item.get("original_width"), f"{where}: original_width"),
@@ -176,7 +186,7 @@ def group_prompts(regions: Sequence[Region], width: int, height: int) -> Tuple[L
     for r in regions:
         if r.kind != "rectangle":
             continue
-        x0, y0, x1, y1 = r.box_percent()
+        x0, y0, x1, y1 = r.box_percent((width, height))
         box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
         if not r.positive:
             notes.append(f"rectangle {r.id} is marked negative: ignored")
@@ -232,5 +242,5 @@ def result_regions(task: Dict[str, Any], sources: Sequence[str] = PROMPT_SOURCES
             result = item.get("result")
             if isinstance(result, list) and any(isinstance(r, dict) and str(r.get("type", "")).lower()
                                                 in PROMPT_TYPES for r in result):
-                return result, f"{kind[:-1]} {item.get('id', '?')}"
+                return result, f"{kind[:-1]} {clip(item.get('id', '?'), 40)}"
     return [], f"the task has no keypoint or rectangle in its {' or '.join(sources)}"

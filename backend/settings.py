@@ -8,10 +8,11 @@ EMBEDDING_DISK_CACHE) with the Label Studio, HTTP-server, input-limit and traini
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from stable_sam.settings import ModelSettings
 
@@ -75,6 +76,23 @@ def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _host_list(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
+    """Comma-separated host names, IP addresses and CIDR networks (checked here, so a typo in a
+    network fails at start, not on the first image)."""
+    out = []
+    for item in _str(env, name).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if "/" in item:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as e:
+                raise SettingsError(f"{name}: {item!r} is not a network ({e})") from None
+        out.append(item)
+    return tuple(out)
+
+
 # Field -> environment variable, for ``to_env``: the field's name in capitals, but for these.
 ENV_NAMES = {"local_files_root": "LOCAL_FILES_DOCUMENT_ROOT"}
 
@@ -94,11 +112,30 @@ class BackendSettings(ModelSettings):
     max_image_mb: float = 64.0  # MAX_IMAGE_MB: bytes fetched for one image
     max_request_mb: float = 32.0  # MAX_REQUEST_MB: /predict body (Label Studio sends ~1 MB at most)
     fetch_timeout_s: float = 20.0  # FETCH_TIMEOUT_S: connect/read timeout for image downloads
+    # The whole download (connect, redirects, every byte): a server that trickles bytes cannot hold
+    # a request thread past it (FETCH_TIMEOUT_S alone bounds each read, not their sum).
+    fetch_deadline_s: float = 60.0  # FETCH_DEADLINE_S
+    # Work per request. The labeling UI sends a handful of regions per click and Label Studio one
+    # task per click; Retrieve Predictions sends the selected tasks. Beyond these: 413.
+    max_regions_per_context: int = 200  # MAX_REGIONS_PER_CONTEXT: keypoints + rectangles of one context / task
+    max_tasks_per_request: int = 1000  # MAX_TASKS_PER_REQUEST: tasks in one /predict
+    # SSRF protection (as Label Studio's own): http(s) image URLs that resolve to a loopback,
+    # private, link-local or other non-public address are refused unless the host is
+    # LABEL_STUDIO_URL's or listed here (host names, IP addresses or CIDR networks).
+    ssrf_protection: bool = True  # SSRF_PROTECTION=0: off
+    ssrf_allowed_hosts: Tuple[str, ...] = ()  # SSRF_ALLOWED_HOSTS: comma-separated
     # Decoded images by URL, so a repeated click skips download + decode + hashing (the embedding
     # cache behind it is keyed by pixels, so a changed file at the same URL is re-encoded after TTL).
     image_cache_items: int = 16  # IMAGE_CACHE_ITEMS (0: off)
     image_cache_mb: float = 1024.0  # IMAGE_CACHE_MB: pixel budget of that cache
     image_cache_ttl_s: float = 600.0  # IMAGE_CACHE_TTL_S
+    # Label configs: parsed ones by their text, and each project's /setup schema; each store keeps
+    # at most this many entries and this many MB of config text.
+    schema_cache_items: int = 64  # SCHEMA_CACHE_ITEMS
+    schema_cache_mb: float = 16.0  # SCHEMA_CACHE_MB
+    # Loaded plugin versions (per-project serving), in entries and MB of parameters.
+    plugin_cache_items: int = 32  # PLUGIN_CACHE_ITEMS
+    plugin_cache_mb: float = 256.0  # PLUGIN_CACHE_MB
     # Local files: absolute paths, file:// URLs and /data/local-files/?d= URLs are read from disk
     # only under this root (Label Studio's own variable); unset: local paths are refused.
     local_files_root: Optional[Path] = None  # LOCAL_FILES_DOCUMENT_ROOT
@@ -137,6 +174,15 @@ class BackendSettings(ModelSettings):
             max_image_mb=_float(env, "MAX_IMAGE_MB", cls.max_image_mb, 0.001),
             max_request_mb=_float(env, "MAX_REQUEST_MB", cls.max_request_mb, 0.001),
             fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", cls.fetch_timeout_s, 0.1),
+            fetch_deadline_s=_float(env, "FETCH_DEADLINE_S", cls.fetch_deadline_s, 0.1),
+            max_regions_per_context=_int(env, "MAX_REGIONS_PER_CONTEXT", cls.max_regions_per_context, 1),
+            max_tasks_per_request=_int(env, "MAX_TASKS_PER_REQUEST", cls.max_tasks_per_request, 1),
+            ssrf_protection=_bool(env, "SSRF_PROTECTION", cls.ssrf_protection),
+            ssrf_allowed_hosts=_host_list(env, "SSRF_ALLOWED_HOSTS"),
+            schema_cache_items=_int(env, "SCHEMA_CACHE_ITEMS", cls.schema_cache_items, 0),
+            schema_cache_mb=_float(env, "SCHEMA_CACHE_MB", cls.schema_cache_mb, 0.0),
+            plugin_cache_items=_int(env, "PLUGIN_CACHE_ITEMS", cls.plugin_cache_items, 0),
+            plugin_cache_mb=_float(env, "PLUGIN_CACHE_MB", cls.plugin_cache_mb, 0.0),
             image_cache_items=_int(env, "IMAGE_CACHE_ITEMS", cls.image_cache_items, 0),
             image_cache_mb=_float(env, "IMAGE_CACHE_MB", cls.image_cache_mb, 0.0),
             image_cache_ttl_s=_float(env, "IMAGE_CACHE_TTL_S", cls.image_cache_ttl_s, 0.0),
@@ -161,6 +207,8 @@ class BackendSettings(ModelSettings):
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 value = "1" if value else "0"
+            elif isinstance(value, tuple):
+                value = ",".join(value)
             out[ENV_NAMES.get(f.name, f.name.upper())] = "" if value is None else str(value)
         return out
 

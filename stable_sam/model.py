@@ -16,6 +16,16 @@ from .embedding_cache import EmbeddingCache, image_hash
 from .modeling.plugin import StableSamPlugin, attach, route
 
 
+class ResizeAtLeastOnePixel(ResizeLongestSide):
+    """SAM's resize (longest side to the encoder's input) with every side at least one pixel: SAM's
+    own rounds the short side of a 20000 x 1 image to 0 and the resize fails. Otherwise the same."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(newh, 1), max(neww, 1)
+
+
 @dataclass(frozen=True)
 class ImageEmbedding:
     """An encoded image: embedding 1 x C x h x w, the original (H, W) and the resized input (h', w')."""
@@ -44,7 +54,7 @@ class StableSam:
         self.model_id = model_id
         self.device = device
         self.cache = cache if cache is not None else EmbeddingCache(max_mb=512)
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)
         self._count_lock = threading.Lock()
         self.encoder_calls = 0
 

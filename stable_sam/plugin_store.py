@@ -28,7 +28,7 @@ from .modeling.plugin import StableSamPlugin
 
 POINTER = "current.json"
 # Names become file and directory names: no separators, no leading dot (temporary files have one).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")  # \Z: "$" would also take a trailing newline
 
 
 class StoreError(CheckpointError):
@@ -37,7 +37,8 @@ class StoreError(CheckpointError):
 
 def check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or name.endswith((".pt", ".json")):
-        raise StoreError(f"{what} {name!r} is not a valid name (letters, digits, . _ + -, at most 128)")
+        shown = repr(name) if len(repr(name)) <= 100 else repr(name)[:97] + "..."  # never echo a name whole
+        raise StoreError(f"{what} {shown} is not a valid name (letters, digits, . _ + -, at most 128)")
     return name
 
 
