@@ -79,7 +79,7 @@ class Sizes:
     encoder_archs: Tuple[str, ...] = ("vit_b", "vit_l", "vit_h")
     encoder_images: int = 8  # timed passes per precision and round
     encoder_rounds: int = 3
-    decoder_archs: Tuple[str, ...] = ("sam_tiny", "vit_b", "vit_l", "vit_h")
+    decoder_archs: Tuple[str, ...] = ("vit_h", "sam_tiny", "vit_b", "vit_l")  # the target's first
     decoder_rounds: int = 7
     decoder_calls: int = 10  # passes per round
     plugin_calls: int = 50
@@ -233,10 +233,17 @@ def part_decoder(p: Part) -> None:
             predictor.set_embedding(ImageEmbedding(embedding, (h, w), input_hw, "random"))
         r: Dict[str, Any] = {"image_hw": [h, w], "many_boxes": sz.many_boxes, "kinds": {}}
         p.results[arch] = r
-        for kind, prompt in interactive_prompts(h, w, sz.many_boxes).items():
+        prompts = interactive_prompts(h, w, sz.many_boxes)
+        for kind, prompt in prompts.items():
             if p.over():
                 break
             r["kinds"][kind] = compare_decoders(predictor, [prompt], sz.decoder_rounds, sz.decoder_calls, p.deadline)
+        if not p.over():  # what batching buys: the same boxes, one decoder call each
+            one_each = [dict(box=b) for b in prompts["many_boxes"]["box"]]
+            r["kinds"]["many_boxes_one_per_call"] = compare_decoders(
+                predictor, one_each, sz.decoder_rounds, max(1, sz.decoder_calls // 4), p.deadline)
+            r["batching_speedup"] = round(r["kinds"]["many_boxes_one_per_call"]["sam_ms"]
+                                          / r["kinds"]["many_boxes"]["sam_ms"], 3)
         r.update(time_plugin_parts(model.plugin, tuple(model.sam.prompt_encoder.image_embedding_size), dev,
                                    sz.plugin_calls))
         del model, predictor
@@ -258,19 +265,31 @@ def part_decoder_compiled(p: Part) -> None:
         h, w, model.image_size)), "random"))
     prompts = {k: v for k, v in interactive_prompts(h, w, sz.many_boxes).items() if k in sz.compile_kinds}
     p.results.update({"arch": sz.compile_arch, "backend": sz.compile_backend, "many_boxes": sz.many_boxes,
-                      "eager": {}, "compiled": {}, "compile_s": {}})
+                      "eager": {}, "compiled": {}, "compile_s": {}, "max_logit_diff": {}})
+    eager_logits = {}
     for kind, prompt in prompts.items():
         p.results["eager"][kind] = compare_decoders(predictor, [prompt], sz.decoder_rounds, sz.decoder_calls)
+        eager_logits[kind] = [predictor.predict(use_plugin=use, **prompt).low_res_logits for use in (False, True)]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     model.sam.mask_decoder.compile(backend=sz.compile_backend, dynamic=False)
     model.plugin.compile(backend=sz.compile_backend, dynamic=False)
     for kind, prompt in prompts.items():
         if p.over():
             return
         t = time.perf_counter()
-        for use in (False, True):  # the first calls compile (one graph per path and prompt shape)
-            predictor.predict(use_plugin=use, **prompt)
+        # The first calls compile (a graph per path and prompt shape); their outputs must be the
+        # eager ones, and the plugin must still change them (a graph that dropped the hook would not).
+        compiled_logits = [predictor.predict(use_plugin=use, **prompt).low_res_logits for use in (False, True)]
         sync(dev)
         p.results["compile_s"][kind] = round(time.perf_counter() - t, 2)
+        p.results["max_logit_diff"][kind] = {
+            "sam": round(float(np.abs(compiled_logits[0] - eager_logits[kind][0]).max()), 5),
+            "stable_sam": round(float(np.abs(compiled_logits[1] - eager_logits[kind][1]).max()), 5),
+            "plugin_vs_plain": round(float(np.abs(compiled_logits[1] - compiled_logits[0]).max()), 5)}
+        p.results["graphs"] = int(counters["stats"]["unique_graphs"])
+        p.results["graph_breaks"] = int(sum(counters["graph_break"].values()))
         c = compare_decoders(predictor, [prompt], sz.decoder_rounds, sz.decoder_calls, p.deadline)
         e = p.results["eager"][kind]
         c["speedup_sam"] = round(e["sam_ms"] / c["sam_ms"], 3)

@@ -16,11 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_report.py"
 PARTS = ("encoder", "decoder", "app_click", "preannotate", "rts", "train_small", "decoder_compiled")
-PROMPT_KINDS = ("click", "box", "box_2_clicks", "many_boxes")
+PROMPT_KINDS = ("click", "box", "box_2_clicks", "many_boxes", "many_boxes_one_per_call")
 # Figures a CPU cannot give (GPU memory): present, and None on CPU.
 GPU_ONLY = {"weights_mib", "peak_mib_fp32", "peak_mib_bf16"}
 # Figures that may honestly be zero: the decoder stage never waiting, a mask without runs.
-MAY_BE_ZERO = {"waited_for_encoder", "mask_runs_per_row"}
+MAY_BE_ZERO = {"waited_for_encoder", "mask_runs_per_row", "sam", "stable_sam", "graph_breaks"}
 
 
 def run_report(tmp_path: Path, *args: str) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
@@ -83,7 +83,7 @@ def test_figures_are_positive_numbers(quick_report):
     for kind in dec["kinds"].values():
         assert {"sam_ms", "stable_sam_ms", "ratio"} <= set(kind)
         assert kind["ratio"] == pytest.approx(kind["stable_sam_ms"] / kind["sam_ms"], rel=1e-2)
-    assert {"plugin_ms", "projection_ms"} <= set(dec)
+    assert {"plugin_ms", "projection_ms", "batching_speedup"} <= set(dec)
     app = parts["app_click"]["results"]
     assert {"p50_ms", "p95_ms"} <= set(app["cached_click"]) and {"p50_ms", "p95_ms"} <= set(app["predictor"])
     assert app["encoder_calls"] == app["images"]  # every later click of an image is decoder-only
@@ -97,6 +97,8 @@ def test_figures_are_positive_numbers(quick_report):
     assert train["steps"] >= 1 and train["steps_per_s"] > 0
     compiled = parts["decoder_compiled"]["results"]
     assert set(compiled["compiled"]) == set(compiled["eager"]) and compiled["compiled"]
+    for kind, diff in compiled["max_logit_diff"].items():  # the compiled decoder makes the eager masks
+        assert diff["sam"] < 1e-3 and diff["stable_sam"] < 1e-3 and diff["plugin_vs_plain"] > 1e-3, (kind, diff)
 
 
 def test_a_run_out_of_time_skips_parts_and_still_writes_its_report(tmp_path):
