@@ -152,7 +152,7 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                                       None if prompts[0].boxes is None else prompts[0].boxes[0],
                                       None if prompts[0].points is None else prompts[0].points[0])]
                 for name, plugin in plugins.items():
-                    masks, alpha = _predict(model, predictor, prompts, t, plugin)
+                    masks, alpha = predict_protocol(model, predictor, prompts, t, plugin)
                     offsets = np.cumsum([0] + counts)
                     for j, gt in enumerate(sample.masks):
                         mj = masks[offsets[j]:offsets[j + 1]]
@@ -171,7 +171,7 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
     return BenchmarkResult(per_object, cases, images, objects, time.time() - start, cfg)
 
 
-def _predict(model: StableSam, predictor: StableSamPredictor, prompts: Sequence[Prompts], prompt_type: str,
+def predict_protocol(model: StableSam, predictor: StableSamPredictor, prompts: Sequence[Prompts], prompt_type: str,
              plugin: Optional[StableSamPlugin]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """All objects' prompts of one type in batched decoder calls -> masks N x H x W, alpha N x 2."""
     if plugin is not None:

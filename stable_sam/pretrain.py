@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from .checkpoint import atomic_torch_save
-from .data.synthetic import HELDOUT_SEED, TRAIN_SEED, Scene, SyntheticScenes
+from .data.synthetic import Scene
+from .data.synthetic_split import world_scenes
 from .losses import bce_dice_loss
 from .metrics import binary_iou
 from .modeling.batched_decode import decode_on_own_images
-from .prompts import error_point, mask_to_box, sam_jittered_box, sample_points
+from .prompts import error_point, mask_to_box, noisy_box, sample_points, sam_jittered_box
 
 
 @dataclass
@@ -53,6 +54,8 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 100
     eval_images: int = 48
+    world: str = "synthetic"  # "synthetic" (objects only) or "regions" (every region a target)
+    checkpoint_every: int = 25  # steps between resumable training states
 
 
 def image_to_tensor(sam: Sam, image: np.ndarray) -> torch.Tensor:
@@ -128,8 +131,9 @@ def step_loss(sam: Sam, embeddings: torch.Tensor, scenes: Sequence[Scene], cfg: 
     point; the box prompts of every image share decoder calls, and so do the point prompts."""
     groups: Dict[bool, List[Tuple[int, np.ndarray]]] = {False: [], True: []}
     for i, scene in enumerate(scenes):
-        chosen = rng.permutation(len(scene.masks))[: cfg.masks_per_image]
-        groups[bool(rng.random() < cfg.point_prob)] += [(i, scene.masks[j]) for j in chosen]
+        targets = scene.training_targets
+        chosen = rng.permutation(len(targets))[: cfg.masks_per_image]
+        groups[bool(rng.random() < cfg.point_prob)] += [(i, targets[j]) for j in chosen]
     total = embeddings.new_zeros(())
     for use_points, items in groups.items():
         if items:
@@ -138,13 +142,14 @@ def step_loss(sam: Sam, embeddings: torch.Tensor, scenes: Sequence[Scene], cfg: 
 
 
 @torch.no_grad()
-def quick_eval(sam: Sam, scenes: SyntheticScenes, n_images: int, seed: int = 0) -> Dict[str, float]:
-    """Held-out mIoU for a GT box (single mask) and one point (best of three by predicted IoU)."""
+def quick_eval(sam: Sam, scenes: Sequence[Scene], n_images: int, seed: int = 0) -> Dict[str, float]:
+    """Held-out mIoU of the objects for a GT box and a DN-DETR noisy box of scale 0.4 (single mask)
+    and one point (best of three by predicted IoU)."""
     sam.eval()
     rng = np.random.default_rng(seed)
     pe = sam.prompt_encoder.get_dense_pe()
     size = sam.image_encoder.img_size
-    ious: Dict[str, List[float]] = {"gt_box": [], "point1": []}
+    ious: Dict[str, List[float]] = {"gt_box": [], "noisy_box_0.4": [], "point1": []}
     for idx in range(n_images):
         scene = scenes[idx]
         if not scene.masks:
@@ -154,9 +159,11 @@ def quick_eval(sam: Sam, scenes: SyntheticScenes, n_images: int, seed: int = 0) 
         gt_np = np.stack(scene.masks)
         gt = torch.as_tensor(gt_np, device=sam.device)
         boxes = torch.as_tensor(np.stack([mask_to_box(g) for g in gt_np]), device=sam.device)
+        noisy = torch.as_tensor(np.stack([noisy_box(g, 0.4, rng) for g in gt_np]), device=sam.device)
         pts = torch.as_tensor(np.stack([sample_points(g, 1, rng) for g in gt_np]), device=sam.device)
         lbl = torch.ones(pts.shape[:2], dtype=torch.int64, device=sam.device)
         for name, kwargs, multi in (("gt_box", {"points": None, "boxes": boxes}, False),
+                                    ("noisy_box_0.4", {"points": None, "boxes": noisy}, False),
                                     ("point1", {"points": (pts, lbl), "boxes": None}, True)):
             sparse, dense = sam.prompt_encoder(masks=None, **kwargs)
             low, iou_pred = sam.mask_decoder(emb, pe, sparse, dense, multi)
@@ -168,22 +175,50 @@ def quick_eval(sam: Sam, scenes: SyntheticScenes, n_images: int, seed: int = 0) 
     return {k: float(np.mean(v)) for k, v in ious.items()}
 
 
+def training_state_path(out_path: Path) -> Path:
+    """Where ``pretrain_sam`` keeps its resumable state next to the weights it writes."""
+    return out_path.with_suffix(".state.pt")
+
+
 def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
-                 log: Callable[[str], None] = print) -> Dict[str, object]:
-    """Train every SAM weight from scratch on synthetic scenes; save fp16 weights to ``out_path``."""
+                 log: Callable[[str], None] = print, resume: bool = True) -> Dict[str, object]:
+    """Train every SAM weight on synthetic scenes; save fp16 weights to ``out_path``.
+
+    Every ``cfg.checkpoint_every`` steps the full training state (fp32 weights, optimiser,
+    schedule, random generators, history) is written atomically beside ``out_path``; with
+    ``resume`` a run whose state file exists continues from its last saved step, so a stopped run
+    loses at most ``checkpoint_every`` steps and ends where an uninterrupted run would."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    train = SyntheticScenes(seed=TRAIN_SEED + cfg.seed)
-    heldout = SyntheticScenes(seed=HELDOUT_SEED)
+    train = world_scenes(cfg.world, "train", offset=cfg.seed)
+    heldout = world_scenes(cfg.world, "heldout")
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     history: List[Dict[str, float]] = []
+    first_step, running, minutes_before = 0, 0.0, 0.0
+    state_path = training_state_path(out_path)
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{state_path} was written by another config; remove it or pass the same "
+                             f"arguments (saved: {state['config']})")
+        sam.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        first_step, running, history = state["step"], state["running"], state["history"]
+        minutes_before = state["minutes"]
+        log(f"resumed from {state_path} at step {first_step}")
     sam.train()
     start = time.time()
-    running = 0.0
-    for step in range(cfg.steps):
+
+    def minutes() -> float:
+        return minutes_before + (time.time() - start) / 60
+
+    for step in range(first_step, cfg.steps):
         scenes = [train[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
-        scenes = [s for s in scenes if s.masks]
+        scenes = [s for s in scenes if s.training_targets]
         batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
         emb = sam.image_encoder(batch)
         loss = step_loss(sam, emb, scenes, cfg, rng)
@@ -195,14 +230,18 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % 25 == 0:
             log(f"step {step + 1}/{cfg.steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{(time.time() - start) / (step + 1):.2f} s/step")
+                f"{(time.time() - start) / (step + 1 - first_step):.2f} s/step")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             metrics = quick_eval(sam, heldout, cfg.eval_images)
-            history.append({"step": step + 1, "loss": running, "minutes": (time.time() - start) / 60, **metrics})
+            history.append({"step": step + 1, "loss": running, "minutes": minutes(), **metrics})
             log(f"eval step {step + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             save_sam_fp16(sam, out_path)
-    summary = {"config": asdict(cfg), "history": history, "minutes": (time.time() - start) / 60}
-    return summary
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            atomic_torch_save({"config": asdict(cfg), "step": step + 1, "running": running, "history": history,
+                               "minutes": minutes(), "model": sam.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "numpy_rng": rng.bit_generator.state,
+                               "torch_rng": torch.get_rng_state()}, state_path)
+    return {"config": asdict(cfg), "history": history, "minutes": minutes()}
 
 
 def refine_patch_grid(state: Dict[str, torch.Tensor], sam: Sam) -> Dict[str, torch.Tensor]:

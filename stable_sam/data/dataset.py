@@ -108,8 +108,10 @@ def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
                  start: int = 0) -> SegmentationDataset:
     """The dataset a CLI argument names.
 
-    - ``synthetic:heldout`` / ``synthetic:train`` / ``synthetic:<seed>``: generated scenes
-      (``start`` and ``limit`` pick the indices; ``limit`` is required, the generator is endless);
+    - ``synthetic:heldout`` / ``synthetic:train`` / ``synthetic:<seed>``: generated scenes of the
+      objects-only world, ``regions:heldout`` / ``regions:train`` / ``regions:unseen`` (held-out
+      shape families) / ``regions:<seed>``: of the region world (``start`` and ``limit`` pick the
+      indices; ``limit`` is required, the generators are endless);
     - a folder: images with per-object mask PNGs (``FolderDataset``; ``masks_dir`` optional);
     - a ``.json`` file: COCO instances or a Label Studio export, told apart by content; image
       paths resolve against ``image_root`` (default: the JSON file's folder).
@@ -117,13 +119,15 @@ def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
     from .coco import CocoDataset
     from .folder import FolderDataset
     from .label_studio_export import LabelStudioExport
-    from .synthetic_split import SyntheticSplit, parse_synthetic_seed
+    from .synthetic_split import WORLDS, SyntheticSplit, parse_synthetic_seed
 
     text = str(spec)
-    if text.startswith("synthetic:"):
+    world, _, split = text.partition(":")
+    if split and world in WORLDS:
         if limit is None:
             raise DatasetError("a synthetic dataset needs a number of images (limit)")
-        return SyntheticSplit(parse_synthetic_seed(text.split(":", 1)[1]), start=start, count=limit)
+        return SyntheticSplit(parse_synthetic_seed(split, world), start=start, count=limit, world=world,
+                              unseen=split == "unseen")
     path = Path(spec)
     if path.is_dir():
         ds: SegmentationDataset = FolderDataset(path, masks_dir=masks_dir)

@@ -10,7 +10,7 @@ is just a seed: the training split and the held-out split never share an image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -27,12 +27,21 @@ class Scene:
     """One synthetic image and the masks of its annotated objects.
 
     image: H x W x 3 uint8. masks: list of H x W bool, visible part only (occlusion applied),
-    each non-empty. kinds: the object kind of each mask.
+    each non-empty: the annotated objects. kinds: the object kind of each mask. targets: every
+    region pretraining may ask for (H x W bool each; empty: the objects are the only targets), with
+    target_kinds naming their granularity (``regions.py``).
     """
 
     image: np.ndarray
     masks: List[np.ndarray]
     kinds: List[str]
+    targets: List[np.ndarray] = field(default_factory=list)
+    target_kinds: List[str] = field(default_factory=list)
+
+    @property
+    def training_targets(self) -> List[np.ndarray]:
+        """What pretraining prompts for: every region when the world has them, else the objects."""
+        return self.targets or self.masks
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
