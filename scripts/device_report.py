@@ -525,10 +525,38 @@ def run_report(device: torch.device, sizes: Sizes, out: Path, parts: Tuple[str, 
         report["parts"][name] = entry
         print(f"[{name}] {entry['status']} in {entry['seconds']:.1f} s", file=sys.stderr, flush=True)
     report["running"] = None
+    report["targets"] = targets(report)
     report["complete"] = True
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
     atomic_write_json(report, out)
     return report
+
+
+def targets(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The issue's targets on a GPU, read off the figures: value, target and whether it is met
+    (None where the run did not measure it, e.g. a quick run without ViT-H)."""
+    parts = {k: v.get("results") or {} for k, v in report["parts"].items()}
+    dec = parts.get("decoder", {}).get("vit_h", {}).get("kinds", {})
+    ratios = {k: v["ratio"] for k, v in dec.items() if k != "many_boxes_one_per_call"}
+    app = parts.get("app_click", {})
+    app = app if app.get("arch") == "vit_h" else {}
+    pre = parts.get("preannotate", {})
+    pre = pre if pre.get("arch") == "vit_b" and "encode_ahead_stream_ratio" in pre else {}
+
+    def entry(value: Any, target: str, met: Optional[bool]) -> Dict[str, Any]:
+        return {"value": value, "target": target, "met": met}
+
+    return {
+        "decoder_ratio_vit_h": entry(ratios or None, "Stable-SAM / SAM <= 1.05 for every prompt kind",
+                                     all(r <= 1.05 for r in ratios.values()) if ratios else None),
+        "app_click_ratio_vit_h": entry(app.get("ratio_p50"), "cached click p50 <= 1.3 x the bare predictor",
+                                       app["ratio_p50"] <= 1.3 if app else None),
+        "app_click_p50_ms_vit_h": entry(app.get("cached_click", {}).get("p50_ms"), "<= 30 ms",
+                                        app["cached_click"]["p50_ms"] <= 30 if app else None),
+        "preannotate_ratio_vit_b": entry(pre.get("encode_ahead_stream_ratio"), ">= 0.9 x the encoder's own limit",
+                                         max(pre["encode_ahead_stream_ratio"], pre["encode_ahead_ratio"]) >= 0.9
+                                         if pre else None),
+    }
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -546,6 +574,8 @@ def table(report: Dict[str, Any]) -> str:
     d = report["device"]
     lines = [f"device: {d.get('name')} ({d['type']}), torch {d['torch']}, quick={report['quick']}, "
              f"elapsed {report.get('elapsed_s')} s"]
+    for name, t in (report.get("targets") or {}).items():
+        lines.append(f"target {name}: {t['target']}; value {t['value']}; met {t['met']}")
     for name, entry in report["parts"].items():
         lines.append("")
         lines.append(f"## {name}: {entry['status']}" + (f" ({entry.get('seconds')} s)" if "seconds" in entry else ""))
