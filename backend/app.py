@@ -152,15 +152,15 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
     @app.errorhandler(BadInput)
     def _bad_input(e: BadInput):
         if isinstance(e, ClientGone):
-            log.info("%s %s: %s", request.method, request.path, e.message)
+            log.info("%s %s: %s", request.method, request.path[:100], e.message)
         else:
-            log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e.message[:MESSAGE_CHARS])
+            log.warning("%s %s -> %d: %s", request.method, request.path[:100], e.status, e.message[:MESSAGE_CHARS])
         return _error(e.message, e.status)
 
     @app.errorhandler(RecursionError)
     def _too_deep(e: RecursionError):
         # JSON nested within Python's parser limit can still be too deep for code walking it
-        log.warning("%s %s -> 400: input nested too deeply", request.method, request.path)
+        log.warning("%s %s -> 400: input nested too deeply", request.method, request.path[:100])
         return _error("input nested too deeply", 400)
 
     @app.errorhandler(HTTPException)
@@ -171,7 +171,7 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
-        log.exception("%s %s failed", request.method, request.path)
+        log.exception("%s %s failed", request.method, request.path[:100])
         return _error(f"internal error ({e.__class__.__name__}); see the backend log", 500)
 
     def _health():

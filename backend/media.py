@@ -6,10 +6,12 @@ presign URL) with our own ``requests`` session (timeouts, a byte limit). Authent
 token is sent as ``Token``; a personal access token (a JWT refresh token) gets 401 when sent as
 is, so it is exchanged at ``/api/token/refresh/`` for an access token (5 min), cached.
 
-Every http(s) connection of a download is checked as it opens (so redirects and DNS answers are
-checked too): an address that is not public (loopback, private, link-local, ...) is refused unless
-its host is LABEL_STUDIO_URL's or in SSRF_ALLOWED_HOSTS (``AddressGuard``); and a download that
-has not finished by FETCH_DEADLINE_S has its sockets shut down (``_Download``).
+Every http(s) connection of a download (redirects too) resolves its host itself, checks every
+address, and connects to the checked one (no second DNS answer to swap in): an address that is not
+public (loopback, private, link-local, ...) is refused before any connection is tried, unless the
+host is LABEL_STUDIO_URL's or in SSRF_ALLOWED_HOSTS (``AddressGuard``), so a closed port and an
+open one answer alike. A download that has not finished by FETCH_DEADLINE_S has its sockets shut
+down (``_Download``).
 
 Images are decoded with EXIF orientation applied (the browser shows them so, and Label Studio's
 ``original_width``/``original_height`` are of the oriented picture) and refused over
@@ -110,10 +112,20 @@ class _Download:
     def remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.0)
 
-    def on_connect(self, host: str, sock: socket.socket) -> None:
-        why = self.guard.refusal(host, sock.getpeername()[0])
-        if why is not None:
-            raise AddressRefused(f"image host {why}")
+    def address(self, host: str, port: int) -> str:
+        """The address to connect to for ``host``: every address it resolves to is checked (one
+        refused address refuses the host)."""
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)  # gaierror: unreachable
+        addresses = [info[4][0] for info in infos]
+        for address in addresses:
+            why = self.guard.refusal(host, address)
+            if why is not None:
+                raise AddressRefused(f"image host {why}")
+        if self.expired:
+            raise self.timeout_error()
+        return addresses[0]
+
+    def register(self, sock: socket.socket) -> None:
         with self._lock:
             if self.expired:
                 raise self.timeout_error()
@@ -135,16 +147,23 @@ class _Download:
         self._timer.cancel()
 
 
-def _guarded_pools(on_connect: Callable[[str, socket.socket], None]) -> Dict[str, type]:
-    """urllib3 pool classes whose connections call ``on_connect(host, socket)`` once connected
-    (before TLS and before a byte is sent)."""
+def _guarded_pools(download: _Download) -> Dict[str, type]:
+    """urllib3 pool classes whose connections go to the address ``download.address`` checked and
+    are registered with ``download`` (TLS still verifies the host name: only the address is
+    pinned)."""
 
     def guarded(base: type) -> type:
         class Guarded(base):
             def _new_conn(self):
-                sock = super()._new_conn()
+                name = self._dns_host
+                pinned = download.address(self.host, self.port)
+                self._dns_host = pinned  # what urllib3 connects to; restored before TLS reads self.host
                 try:
-                    on_connect(self.host, sock)
+                    sock = super()._new_conn()
+                finally:
+                    self._dns_host = name
+                try:
+                    download.register(sock)
                 except BaseException:
                     sock.close()
                     raise
@@ -163,7 +182,7 @@ class _GuardedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _guarded_pools(self._download.on_connect)
+        self.poolmanager.pool_classes_by_scheme = _guarded_pools(self._download)
 
 
 class _LimitedSession(requests.Session):

@@ -15,11 +15,10 @@ activates a new version every worker serves it from its next request, without a 
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -39,11 +38,13 @@ from stable_sam.plugin_store import PluginStore, StoreError
 from stable_sam.predictor import PromptError, StableSamPredictor
 from stable_sam.prompts import ObjectPrompt
 
-from .errors import BadInput
+from .bounded_cache import BoundedCache
+from .errors import BadInput, ClientGone, clip
 from .jobs import JobManager
 from .media import ImageLoader
 from .metrics import Metrics
-from .prompts import PROMPT_CONTROL_TAGS, PromptGroup, Region, group_prompts, parse_regions, result_regions
+from .prompts import (KEYPOINT_CONTROL_TAGS, PROMPT_CONTROL_TAGS, RECTANGLE_CONTROL_TAGS, PromptGroup, Region,
+                      group_prompts, parse_regions, result_regions)
 from .settings import BackendSettings
 from .training import scope_of
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 COUNTED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
-PLUGIN_CACHE_ITEMS = 32  # loaded plugin versions kept per process (a few hundred KB each)
+MAX_PROJECT_ID = 2**63 - 1  # Label Studio's ids are database integers
 
 
 def project_id(value: Any) -> Optional[int]:
@@ -62,10 +63,12 @@ def project_id(value: Any) -> Optional[int]:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
+        return value if 0 <= value <= MAX_PROJECT_ID else None
     if isinstance(value, str):
         head = value.strip().split(".", 1)[0]
-        return int(head) if head.isdigit() else None
+        # ASCII digits only: str.isdigit() also takes "²" (int() fails) and "٣" (int() reads 3)
+        if head.isascii() and head.isdigit() and len(head) <= 19 and int(head) <= MAX_PROJECT_ID:
+            return int(head)
     return None
 
 
@@ -86,10 +89,12 @@ class ParsedConfig:
     image_keys: Dict[str, str]  # Image tag name -> task data key
 
 
-@functools.lru_cache(maxsize=32)
-def parse_label_config(config: str) -> ParsedConfig:
-    """Parse a label config once (cached by its text); 4xx when it cannot serve brush masks."""
-    if not isinstance(config, str) or not config.strip():
+def parse_label_config(config: Any) -> ParsedConfig:
+    """Parse a label config (``StableSamBackend.label_config`` caches them); 4xx when it cannot
+    serve brush masks."""
+    if config is not None and not isinstance(config, str):
+        raise BadInput(f"label_config must be a string (the labeling config's XML), got {type(config).__name__}")
+    if not config or not config.strip():
         raise BadInput("no label config: send 'label_config' with /predict or connect through /setup first")
     try:
         li = LabelInterface(config)
@@ -118,13 +123,13 @@ def _output_label(group: PromptGroup, brush) -> str:
         folded = {v.casefold(): v for v in labels}
         if group.label.casefold() in folded:
             return folded[group.label.casefold()]
-    if len(labels) == 1:
+    if group.label is None and len(labels) == 1:
         return labels[0]
     if group.label is None:
-        raise BadInput(f"the prompt ({', '.join(group.source_ids)}) has no label and brush control "
-                       f"'{brush.name}' has several ({labels}): use labelled keypoints / rectangles")
-    raise BadInput(f"label {group.label!r} of {group.source_from_name} is not a label of brush control "
-                   f"'{brush.name}' ({labels}): give both controls the same labels")
+        raise BadInput(f"the prompt ({clip(', '.join(group.source_ids))}) has no label and brush control "
+                       f"'{brush.name}' has several ({clip(labels, 300)}): use labelled keypoints / rectangles")
+    raise BadInput(f"label {clip(group.label)} of {clip(group.source_from_name)} is not a label of brush control "
+                   f"'{brush.name}' ({clip(labels, 300)}): give both controls the same labels")
 
 
 class StableSamBackend:
@@ -141,8 +146,9 @@ class StableSamBackend:
         self._load_error: Optional[str] = None
         self._version_error: Optional[str] = None
         self._version_ready = threading.Event()
-        self._schemas: Dict[str, str] = {}
-        self._schemas_lock = threading.Lock()
+        s = self.settings
+        self._schemas: BoundedCache[str] = BoundedCache(s.schema_cache_items, s.schema_cache_mb * 2**20)  # project -> text
+        self._configs: BoundedCache[ParsedConfig] = BoundedCache(s.schema_cache_items, s.schema_cache_mb * 2**20)
         self.jobs = JobManager(self.settings)
         self.store: Optional[PluginStore] = None
         self._base: Optional[str] = None  # base model id, e.g. sam_tiny-c867453b268e
@@ -150,7 +156,9 @@ class StableSamBackend:
         self._pin: Optional[Serving] = None  # PLUGIN_VERSION
         self._serve_lock = threading.Lock()
         self._pointers: Dict[str, Tuple[Any, Optional[str]]] = {}  # scope -> (pointer stamp, version)
-        self._plugins: "OrderedDict[Path, Tuple[int, StableSamPlugin]]" = OrderedDict()  # file -> (mtime, plugin)
+        # file -> (mtime, plugin)
+        self._plugins: BoundedCache[Tuple[int, StableSamPlugin]] = BoundedCache(s.plugin_cache_items,
+                                                                                s.plugin_cache_mb * 2**20)
         if model is not None:
             self._install(model)
         else:
@@ -303,18 +311,16 @@ class StableSamBackend:
             mtime = serving.path.stat().st_mtime_ns
         except FileNotFoundError:
             raise BadInput(f"plugin version {serving.version} disappeared from {serving.path.parent}", status=503) from None
-        with self._serve_lock:
-            hit = self._plugins.get(serving.path)
-            if hit is not None and hit[0] == mtime:
-                self._plugins.move_to_end(serving.path)
+        with self._serve_lock:  # one thread loads a version, the others wait for it
+            hit = self._plugins.get(serving.path, valid=lambda item: item[0] == mtime)
+            if hit is not None:
                 return hit[1]
             try:
                 plugin = load_plugin(serving.path, model_type=model.model_type).plugin.to(model.device).eval()
             except CheckpointError as e:
                 raise BadInput(f"plugin version {serving.version} cannot be loaded: {e}", status=503) from None
-            self._plugins[serving.path] = (mtime, plugin)
-            while len(self._plugins) > PLUGIN_CACHE_ITEMS:
-                self._plugins.popitem(last=False)
+            nbytes = sum(t.numel() * t.element_size() for t in plugin.state_dict().values())
+            self._plugins.put(serving.path, (mtime, plugin), nbytes)
             return plugin
 
     def versions(self, project: Any = None) -> Dict[str, Any]:
@@ -354,13 +360,20 @@ class StableSamBackend:
     # -- label-studio-ml interface -----------------------------------------------------------------
     def setup(self, project: Any, schema: Any) -> None:
         """Remember the project's label config (used when /predict comes without one)."""
+        if schema is not None and not isinstance(schema, str):
+            raise BadInput(f"schema must be a string (the labeling config's XML), got {type(schema).__name__}")
         if isinstance(schema, str) and schema.strip():
-            parse_label_config(schema)  # 4xx now for a config that cannot work
-            if project is not None:
-                with self._schemas_lock:
-                    self._schemas[str(project)] = schema
-                    while len(self._schemas) > 256:
-                        self._schemas.pop(next(iter(self._schemas)))
+            self.label_config(schema)  # 4xx now for a config that cannot work
+            pid = project_id(project)
+            if pid is not None:
+                self._schemas.put(pid, schema, len(schema))
+
+    def label_config(self, config: Any) -> ParsedConfig:
+        """``parse_label_config``, cached by the config's text (SCHEMA_CACHE_ITEMS / _MB)."""
+        if not isinstance(config, str):
+            return parse_label_config(config)  # the 4xx saying what is wrong
+        key = hashlib.sha256(config.encode("utf-8", "surrogatepass")).digest()
+        return self._configs.get_or_put(key, lambda: (parse_label_config(config), len(config)))
 
     def activate(self, project: Any, version: Any) -> Dict[str, Any]:
         """Point ``project`` at one of its stored versions (a per-project rollback); every worker
@@ -399,24 +412,30 @@ class StableSamBackend:
         return {"status": "ignored", "reason": f"{event} does not start training"}
 
     def predict(self, tasks: Sequence[Dict[str, Any]], context: Optional[Dict[str, Any]] = None,
-                label_config: Optional[str] = None, project: Any = None, **kwargs) -> List[Dict[str, Any]]:
+                label_config: Optional[str] = None, project: Any = None,
+                client_gone: Optional[Callable[[], bool]] = None, **kwargs) -> List[Dict[str, Any]]:
         """One prediction ``{"model_version", "score", "result"}`` per task.
 
         With ``context`` (an interactive click), its ``result`` regions are the prompts and any
         problem is a 4xx. Without (a batch), each task's own annotations / predictions give the
-        prompts; a task without any, or whose image fails, gets an empty result and a log line."""
+        prompts; a task without any, or whose image fails, gets an empty result and a log line.
+        ``client_gone()`` is asked before each task's work: True stops the request (``ClientGone``)."""
         if not isinstance(tasks, list) or not tasks:
             raise BadInput("no tasks: 'tasks' must be a non-empty list")
+        limit = self.settings.max_tasks_per_request
+        if len(tasks) > limit:
+            raise BadInput(f"{len(tasks)} tasks in one request, over MAX_TASKS_PER_REQUEST ({limit}): send them "
+                           f"in smaller batches (or pre-annotate with scripts/preannotate.py)", status=413)
         for i, t in enumerate(tasks):
             if not isinstance(t, dict) or not isinstance(t.get("data"), dict):
                 raise BadInput(f"tasks[{i}] must be an object with a 'data' object")
-        config = label_config or (self._schemas.get(str(project)) if project is not None else None)
-        cfg = parse_label_config(config or "")
+        config = label_config or (self._schemas.get(project_id(project)) if project_id(project) is not None else None)
+        cfg = self.label_config(config or "")
         interactive = bool(context)  # null or {}: a batch call
         if interactive:
             if not isinstance(context, dict) or "result" not in context:
                 raise BadInput("context must be an object with a 'result' list of keypoints / rectangles")
-            regions = parse_regions(context["result"])
+            regions = self._regions(context["result"], "context.result")
             if not regions:
                 raise BadInput("context.result has no keypoint or rectangle to prompt with")
         model = self.model
@@ -424,8 +443,9 @@ class StableSamBackend:
         plugin = self.plugin_for(serving, model)
         version = f"{model.model_id}+plugin-{serving.version}"
         out = []
-        for task in tasks:
-            tid = task.get("id")
+        for done, task in enumerate(tasks):
+            self._stop_if_gone(client_gone, done, len(tasks))
+            tid = clip(task.get("id"), 40)
             if interactive:
                 out.append(self._predict_task(model, plugin, version, cfg, task, regions))
                 continue
@@ -436,7 +456,7 @@ class StableSamBackend:
                 out.append(self._empty(version))
                 continue
             try:
-                out.append(self._predict_task(model, plugin, version, cfg, task, parse_regions(results, source)))
+                out.append(self._predict_task(model, plugin, version, cfg, task, self._regions(results, source)))
                 log.info("task %s: prompts from %s", tid, source)
             except BadInput as e:
                 log.warning("task %s: empty prediction: %s (prompts from %s)", tid, e.message, source)
@@ -449,20 +469,42 @@ class StableSamBackend:
     def _empty(version: str) -> Dict[str, Any]:
         return {"model_version": version, "score": 0.0, "result": []}
 
+    @staticmethod
+    def _stop_if_gone(client_gone: Optional[Callable[[], bool]], done: int, total: int) -> bool:
+        """Raises ``ClientGone`` when the client has closed its connection (False otherwise)."""
+        if client_gone is not None and client_gone():
+            raise ClientGone(f"the client closed the connection: stopped after {done} of {total} tasks")
+        return False
+
+    def _regions(self, results: Any, source: str) -> List[Region]:
+        """``parse_regions``, refused with 413 past MAX_REGIONS_PER_CONTEXT prompt regions (each
+        rectangle is a mask to decode; keypoints grow one prompt's attention quadratically)."""
+        regions = parse_regions(results, source)
+        limit = self.settings.max_regions_per_context
+        if len(regions) > limit:
+            raise BadInput(f"{source} has {len(regions)} keypoints / rectangles, over MAX_REGIONS_PER_CONTEXT "
+                           f"({limit})", status=413)
+        return regions
+
     def _check_regions(self, cfg: ParsedConfig, regions: Sequence[Region]) -> None:
         for r in regions:
             control = cfg.controls.get(r.from_name)
+            rid = clip(r.id, 40)
             if control is None:
-                raise BadInput(f"unknown from_name {r.from_name!r} (region {r.id}): the label config's controls "
-                               f"are {sorted(cfg.controls)}")
+                raise BadInput(f"unknown from_name {clip(r.from_name)} (region {rid}): the label config's controls "
+                               f"are {clip(sorted(cfg.controls), 300)}")
             if control.tag not in PROMPT_CONTROL_TAGS:
-                raise BadInput(f"from_name {r.from_name!r} (region {r.id}) is a <{control.tag}>, not a keypoint "
+                raise BadInput(f"from_name {clip(r.from_name)} (region {rid}) is a <{control.tag}>, not a keypoint "
                                f"or rectangle control")
+            expected = KEYPOINT_CONTROL_TAGS if r.kind == "keypoint" else RECTANGLE_CONTROL_TAGS
+            if control.tag not in expected:
+                raise BadInput(f"region {rid} is a {r.kind}, but its from_name {clip(r.from_name)} is a "
+                               f"<{control.tag}>: send it with a {' / '.join(expected)} control")
             if r.to_name not in control.to_name:
-                raise BadInput(f"to_name {r.to_name!r} (region {r.id}) is not an object of control "
-                               f"{r.from_name!r} (it labels {control.to_name})")
+                raise BadInput(f"to_name {clip(r.to_name)} (region {rid}) is not an object of control "
+                               f"{clip(r.from_name)} (it labels {clip(control.to_name, 300)})")
             if r.to_name not in cfg.brush_by_image:
-                raise BadInput(f"no <BrushLabels> control in the label config is paired with image {r.to_name!r}")
+                raise BadInput(f"no <BrushLabels> control in the label config is paired with image {clip(r.to_name)}")
 
     def _embed(self, model: StableSam, image: np.ndarray) -> Dict[str, Any]:
         return {"embedding": model.embed(image), "model_id": model.model_id}
@@ -478,7 +520,7 @@ class StableSamBackend:
             key = cfg.image_keys.get(to_name)
             url = task["data"].get(key) if key else None
             if url is None:
-                raise BadInput(f"task {task.get('id')} has no data.{key} for image {to_name!r}")
+                raise BadInput(f"task {clip(task.get('id'), 40)} has no data.{key} for image {to_name!r}")
             image, extra = self.images.load(url, task.get("id"), on_loaded=lambda im: self._embed(model, im))
             emb = extra.get("embedding") if extra.get("model_id") == model.model_id else None
             if emb is None:
@@ -486,16 +528,18 @@ class StableSamBackend:
             h, w = image.shape[:2]
             groups, notes = group_prompts(regs, w, h)
             for note in notes:
-                log.info("task %s: %s", task.get("id"), note)
-            out_w = next((r.original_width for r in regs if r.original_width), w)
-            out_h = next((r.original_height for r in regs if r.original_height), h)
-            if (out_w, out_h) != (w, h):
-                log.warning("task %s: Label Studio sees image %r as %d x %d, the file decodes to %d x %d: "
-                            "masks resized", task.get("id"), to_name, out_w, out_h, w, h)
+                log.info("task %s: %s", clip(task.get("id"), 40), note)
+            # The mask is always of the decoded image: a claimed original size is only the client's
+            # word (1e9 x 1e9 would be allocated); the file is what the annotator sees.
+            claimed = next(((r.original_width, r.original_height) for r in regs
+                            if r.original_width and r.original_height), (w, h))
+            if claimed != (w, h):
+                log.warning("task %s: the regions say image %r is %d x %d, the file decodes to %d x %d: "
+                            "mask of the decoded size", clip(task.get("id"), 40), to_name, *claimed, w, h)
             brush = cfg.brush_by_image[to_name]
             labels = [_output_label(g, brush) for g in groups]
             for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h)):
-                results.append(self.brush_result(g, label, brush.name, to_name, pred, (w, h), (out_w, out_h)))
+                results.append(self.brush_result(g, label, brush.name, to_name, pred, (w, h), (w, h)))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
         return {"model_version": version, "score": round(score, 4), "result": results}
 

@@ -558,16 +558,17 @@ def test_settings_from_env(monkeypatch, tmp_path):
         BackendSettings.from_env()
 
 
-def test_mask_follows_label_studio_size_when_the_file_differs(client, media_dir, scenes):
-    """Label Studio's original_width/height win: the mask is resized to them (and logged)."""
+def test_mask_is_of_the_decoded_image_whatever_size_is_claimed(client, media_dir, scenes):
+    """A claimed original_width/height that disagrees with the file is not allocated: the mask is
+    of the decoded image (percent coordinates map onto it the same way)."""
     sc = scenes[0]
     w, h = sc.size
-    region = rectangle(loosen(sc.boxes[0], sc.size), sc.size)
-    region.update(original_width=2 * w, original_height=2 * h)
-    (r,) = predict_ok(client, body(media_dir / "scene0.png", [region]))["result"]
-    mask = result_mask(r)
-    assert mask.shape == (2 * h, 2 * w)
-    assert iou(mask[::2, ::2], sc.masks[0]) >= BOX_IOU
+    for claimed in ((2 * w, 2 * h), (10_000, 10_000), (10**9, 10**9)):
+        region = rectangle(loosen(sc.boxes[0], sc.size), sc.size)
+        region.update(original_width=claimed[0], original_height=claimed[1])
+        (r,) = predict_ok(client, body(media_dir / "scene0.png", [region]))["result"]
+        assert (r["original_width"], r["original_height"]) == (w, h)
+        assert iou(result_mask(r), sc.masks[0]) >= BOX_IOU
 
 
 def test_image_cache_keeps_to_its_budget(settings, scenes):
