@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -120,7 +121,15 @@ def main(argv=None) -> int:
     if len(plugins) > 2:
         labels = {"sam": "SAM (no plugin)", "stable_sam": "Stable-SAM (default)"}
         print("\n" + variants_table(summary, labels))
-    targets = targets_report(summary, params)
+    print("\nmean alpha_1 (the deformed path's weight) per prompt type:")
+    for name in plugins:
+        alpha = result.alpha(name)
+        if alpha is not None:
+            print(f"  {name}: " + ", ".join(f"{t} {a:.4f}" for t, a in alpha.items()))
+    for name, stats in result.offsets.items():
+        print(f"  {name} offsets: mean {stats['mean_cells']:.3f} cells, {100 * stats['at_bound_share']:.1f} % "
+              f"of components at the bound")
+    targets = targets_report(summary, params, result.alpha("stable_sam"))
     print("\ntargets:")
     for t in targets:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} vs {t['reference']}")
@@ -135,6 +144,7 @@ def main(argv=None) -> int:
         "plugins": {name: {"version": versions.get(name), "path": str(args.plugin if name == "stable_sam" else variants.get(name)),
                            "config": p.config.to_dict()} for name, p in plugins.items() if p is not None},
         "plugin_params": params, "results": summary, "targets": targets, "seconds": round(result.seconds, 1),
+        "alpha": {name: result.alpha(name) for name in plugins}, "offsets": result.offsets,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -145,11 +155,13 @@ def main(argv=None) -> int:
         comparison_figure(cases, [("sam", "SAM"), ("stable_sam", "Stable-SAM")]).save(args.figure)
         print(f"figure written to {args.figure}")
     if args.json:
-        print(json.dumps({"sam": {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
-                                   for t, r in summary["sam"].items()},
-                          "stable_sam": {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
-                                         for t, r in summary["stable_sam"].items()},
-                          "plugin_params": params}))
+        def figures(name: str) -> Dict[str, object]:
+            rows = {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
+                    for t, r in summary[name].items()}
+            return {**rows, "alpha": result.alpha(name)}
+
+        print(json.dumps({**{name: figures(name) for name in plugins},
+                          "offsets": result.offsets.get("stable_sam"), "plugin_params": params}))
     return 0
 
 

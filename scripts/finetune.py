@@ -75,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-points", type=int, default=d.max_points)
     ap.add_argument("--negative-prob", type=float, default=d.negative_prob)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--trainable", default=d.trainable, choices=("all", "offsets", "projection"),
+                    help="the part of the plugin that learns (offsets / projection: ablation variants)")
+    ap.add_argument("--offset-lr-scale", type=float, default=d.offset_lr_scale,
+                    help="learning-rate factor of the offset branch (lower it if the offsets saturate)")
     p = PluginConfig()
     ap.add_argument("--offset-range", type=float, default=p.offset_range, help="offset bound r, grid cells")
     ap.add_argument("--no-resample-pe", action="store_true", help="keep the grid positional encoding")
@@ -112,7 +116,8 @@ def _configs(args: argparse.Namespace):
     rts = RTSConfig(epochs=args.epochs, images_per_step=args.images_per_step,
                     prompts_per_object=args.prompts_per_object, lr=args.lr,
                     max_box_noise=args.max_box_noise, max_points=args.max_points,
-                    negative_prob=args.negative_prob, seed=args.seed)
+                    negative_prob=args.negative_prob, seed=args.seed,
+                    trainable=args.trainable, offset_lr_scale=args.offset_lr_scale)
     plugin_cfg = PluginConfig(offset_range=args.offset_range, resample_pe=not args.no_resample_pe,
                               use_drp=not args.no_drp, amplitude=args.amplitude, router_token=args.router_token,
                               router_init_gap=args.router_init_gap)

@@ -97,9 +97,36 @@ class Case:
     ious: Dict[str, float] = field(default_factory=dict)
 
 
+class OffsetMeter:
+    """Statistics of the DSP offsets a plugin produced during an evaluation, gathered by a forward
+    hook on its ``dsp``: the mean offset length in grid cells and the share of offset components
+    within 5 % of the tanh bound (offsets stuck at the bound stopped learning)."""
+
+    def __init__(self, plugin: StableSamPlugin) -> None:
+        self.bound = plugin.dsp.offset_range
+        self.length_sum = 0.0
+        self.at_bound = 0
+        self.count = 0
+        self._handle = plugin.dsp.register_forward_hook(self._record)
+
+    def _record(self, module, args, output) -> None:
+        offsets = output[2].detach().float()  # B x H x W x 2, grid cells
+        self.length_sum += float(offsets.norm(dim=-1).sum())
+        self.at_bound += int((offsets.abs() >= 0.95 * self.bound).sum())
+        self.count += offsets.shape[0] * offsets.shape[1] * offsets.shape[2]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def summary(self) -> Dict[str, float]:
+        n = max(self.count, 1)
+        return {"mean_cells": round(self.length_sum / n, 4), "at_bound_share": round(self.at_bound / (2 * n), 4)}
+
+
 @dataclass
 class BenchmarkResult:
-    """Per model, per prompt type: per-object lists of IoU, boundary IoU, stability, mean alpha_1."""
+    """Per model, per prompt type: per-object lists of IoU, boundary IoU, stability, mean alpha_1;
+    per plugin, its offset statistics (``OffsetMeter.summary``)."""
 
     per_object: Dict[str, Dict[str, Dict[str, List[float]]]]
     cases: List[Case]
@@ -107,6 +134,14 @@ class BenchmarkResult:
     objects: int
     seconds: float
     config: ProtocolConfig
+    offsets: Dict[str, Dict[str, float]] = field(default_factory=dict)
+
+    def alpha(self, model: str) -> Optional[Dict[str, float]]:
+        """Mean alpha_1 (the deformed path's weight) per prompt type; None for plain SAM."""
+        types = self.per_object[model]
+        if not any(m["alpha"] for m in types.values()):
+            return None
+        return {t: round(float(np.mean(m["alpha"])), 4) for t, m in types.items() if m["alpha"]}
 
     def summary(self) -> Dict[str, Dict[str, Dict[str, float]]]:
         """model -> prompt type -> {"miou", "mbiou", "stability"} in percent (+ "alpha_deformed")."""
@@ -133,6 +168,7 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                   for name in plugins}
     cases: List[Case] = []
     images = objects = 0
+    meters = {name: OffsetMeter(p) for name, p in plugins.items() if p is not None}
     try:
         for index in tqdm(range(len(dataset)), desc="benchmark", unit="image", disable=not progress,
                           dynamic_ncols=True):
@@ -168,7 +204,10 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                 cases += new_cases
     finally:
         model.set_plugin(saved_plugin, saved_version)
-    return BenchmarkResult(per_object, cases, images, objects, time.time() - start, cfg)
+        for meter in meters.values():
+            meter.close()
+    return BenchmarkResult(per_object, cases, images, objects, time.time() - start, cfg,
+                           {name: m.summary() for name, m in meters.items()})
 
 
 def predict_protocol(model: StableSam, predictor: StableSamPredictor, prompts: Sequence[Prompts], prompt_type: str,
@@ -218,26 +257,38 @@ def variants_table(summary: Dict[str, Dict[str, Dict[str, float]]], labels: Opti
 
 
 def targets_report(summary: Dict[str, Dict[str, Dict[str, float]]], plugin_params: int,
-                   base: str = "sam", ours: str = "stable_sam") -> List[Dict[str, Any]]:
-    """The issue's targets, each with the two figures compared and whether it is met."""
+                   alpha: Optional[Mapping[str, float]] = None, base: str = "sam",
+                   ours: str = "stable_sam") -> List[Dict[str, Any]]:
+    """The plugin's targets (the paper reaches them on real SAM), each with the two figures
+    compared and whether it is met: it recovers half of plain SAM's GT box -> noisy-0.4 gap and
+    of its 3 points -> 1 point gap, keeps GT-box quality, is 5 points more stable on every noisy
+    prompt type, routes noisy boxes to the deformed path more than GT boxes, has <= 0.1 M
+    parameters."""
     a, b = summary[base], summary[ours]
     out = []
 
     def add(name: str, left: float, right: float, ok: bool) -> None:
-        out.append({"target": name, "value": left, "reference": right, "met": bool(ok)})
+        out.append({"target": name, "value": round(float(left), 4), "reference": round(float(right), 4),
+                    "met": bool(ok)})
 
-    if "noisy_box_0.4" in b and "gt_box" in a:
-        add("Stable-SAM noisy box 0.4 mIoU >= SAM GT box mIoU", b["noisy_box_0.4"]["miou"], a["gt_box"]["miou"],
-            b["noisy_box_0.4"]["miou"] >= a["gt_box"]["miou"])
-    if "point1" in b and "point3" in a:
-        add("Stable-SAM 1 point mIoU >= SAM 3 points mIoU", b["point1"]["miou"], a["point3"]["miou"],
-            b["point1"]["miou"] >= a["point3"]["miou"])
+    def recovered(good: str, casual: str) -> None:
+        if good in a and casual in a and casual in b:
+            gap = a[good]["miou"] - a[casual]["miou"]
+            share = (b[casual]["miou"] - a[casual]["miou"]) / gap if gap > 0 else float("nan")
+            add(f"share of SAM's {good} -> {casual} mIoU gap recovered >= 0.5 (gap {gap:.1f} points)",
+                share, 0.5, gap > 0 and share >= 0.5)
+
+    recovered("gt_box", "noisy_box_0.4")
+    recovered("point3", "point1")
     if "gt_box" in b:
         add("Stable-SAM GT box mIoU >= SAM GT box mIoU - 0.5", b["gt_box"]["miou"], a["gt_box"]["miou"] - 0.5,
             b["gt_box"]["miou"] >= a["gt_box"]["miou"] - 0.5)
     for t in NOISY_TYPES:
         if t in b:
-            add(f"Stable-SAM stability > SAM stability, {t}", b[t]["stability"], a[t]["stability"],
-                b[t]["stability"] > a[t]["stability"])
+            add(f"Stable-SAM stability >= SAM stability + 5, {t}", b[t]["stability"], a[t]["stability"] + 5,
+                b[t]["stability"] >= a[t]["stability"] + 5)
+    if alpha and "noisy_box_0.4" in alpha and "gt_box" in alpha:
+        add("mean alpha_1 on noisy-0.4 boxes > on GT boxes", alpha["noisy_box_0.4"], alpha["gt_box"],
+            alpha["noisy_box_0.4"] > alpha["gt_box"])
     add("trainable parameters <= 0.1 M", plugin_params, 100_000, plugin_params <= 100_000)
     return out

@@ -46,6 +46,7 @@ from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable, rou
 from .prompts import mask_to_box, negative_points, noisy_box, sample_points
 
 PROMPT_KINDS = ("gt_box", "noisy_box", "points")
+TRAINABLE_PARTS = ("all", "offsets", "projection")
 ANNOTATED = "annotated"  # the kind of a prompt an annotator drew (``Sample.prompts``)
 
 
@@ -67,6 +68,10 @@ class RTSConfig:
     negative_prob: float = 0.0  # chance that a point prompt also gets one negative click
     probe_images: int = 8  # first images of the set: loss before / after on fixed prompts
     seed: int = 0
+    # Which part of the plugin learns: "all"; "offsets" (the C->C projection stays the identity:
+    # deformation alone); "projection" (the offsets stay zero: a learned projection, no deformation).
+    trainable: str = "all"
+    offset_lr_scale: float = 1.0  # learning-rate factor of the offset branch (dwconv, norm, offset)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.images_per_step < 1 or self.prompts_per_object < 1:
@@ -75,6 +80,10 @@ class RTSConfig:
             raise ValueError(f"mix must be 3 non-negative weights (gt_box, noisy_box, points), got {self.mix}")
         if self.max_points < 1:
             raise ValueError("max_points must be >= 1")
+        if self.trainable not in TRAINABLE_PARTS:
+            raise ValueError(f"trainable must be one of {TRAINABLE_PARTS}, got {self.trainable!r}")
+        if self.offset_lr_scale <= 0:
+            raise ValueError(f"offset_lr_scale must be > 0, got {self.offset_lr_scale}")
 
 
 @dataclass
@@ -201,6 +210,24 @@ def _usable(dataset: SegmentationDataset) -> Callable[[int], Optional[Sample]]:
     return get
 
 
+def plugin_param_groups(plugin: StableSamPlugin, cfg: RTSConfig) -> List[Dict[str, Any]]:
+    """The optimiser's parameter groups for ``cfg.trainable``: the offset branch (dwconv, norm,
+    offset head) at ``cfg.offset_lr_scale`` x lr, the rest at lr. Parts that stay fixed get
+    ``requires_grad=False``, so the saved plugin holds them at their no-op initial values."""
+    dsp = plugin.dsp
+    offset_branch = [dsp.dwconv, dsp.norm, dsp.offset]
+    if cfg.trainable == "offsets":
+        dsp.proj.requires_grad_(False)
+    elif cfg.trainable == "projection":
+        for m in offset_branch:
+            m.requires_grad_(False)
+    branch_ids = {id(p) for m in offset_branch for p in m.parameters()}
+    offset = [p for p in plugin.parameters() if p.requires_grad and id(p) in branch_ids]
+    rest = [p for p in plugin.parameters() if p.requires_grad and id(p) not in branch_ids]
+    return [g for g in ({"params": rest, "lr": cfg.lr},
+                        {"params": offset, "lr": cfg.lr * cfg.offset_lr_scale}) if g["params"]]
+
+
 def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig = RTSConfig(),
                  plugin: Optional[StableSamPlugin] = None, progress: bool = True,
                  log: Callable[[str], None] = print,
@@ -219,9 +246,10 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
     rng = np.random.default_rng(cfg.seed if ddp.world == 1 else [cfg.seed, ddp.rank])
     order_rng = rng if ddp.world == 1 else np.random.default_rng(cfg.seed)
     plugin = (plugin or StableSamPlugin()).to(model.device)
-    params = [p for p in plugin.parameters() if p.requires_grad]
+    groups = plugin_param_groups(plugin, cfg)
+    params = [p for g in groups for p in g["params"]]
     ddp.broadcast(params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(dataset)
     steps_per_epoch = math.ceil(n / (cfg.images_per_step * ddp.world))
     total_steps = steps_per_epoch * cfg.epochs

@@ -143,6 +143,43 @@ def test_protocol_runs_both_models_on_the_same_prompts(tiny_model, heldout):
     assert again["sam"] == s["sam"]                               # seeded: same prompts, same numbers
     met = {t["target"]: t["met"] for t in targets_report(s, 81_828)}
     assert met["trainable parameters <= 0.1 M"]
+    assert res.offsets["stable_sam"] == {"mean_cells": 0.0, "at_bound_share": 0.0}   # the no-op plugin
+    assert res.alpha("sam") is None and set(res.alpha("stable_sam")) == set(PROMPT_TYPES)
+
+
+def _row(miou: float, stab: float) -> dict:
+    return {"miou": miou, "mbiou": miou, "stability": stab}
+
+
+def test_targets_report_measures_the_share_of_each_gap_recovered():
+    sam = {"gt_box": _row(80, 100), "noisy_box_0.4": _row(50, 60), "point3": _row(70, 80), "point1": _row(40, 50)}
+    ours = {"gt_box": _row(79.6, 100), "noisy_box_0.4": _row(65, 66), "point3": _row(70, 84), "point1": _row(54, 70)}
+    report = targets_report({"sam": sam, "stable_sam": ours}, 81_828, {"gt_box": 0.1, "noisy_box_0.4": 0.3})
+    by_name = {t["target"].split(" (")[0]: t for t in report}
+    noisy = by_name["share of SAM's gt_box -> noisy_box_0.4 mIoU gap recovered >= 0.5"]
+    assert noisy["value"] == 0.5 and noisy["met"]                   # 15 of a 30-point gap
+    point = by_name["share of SAM's point3 -> point1 mIoU gap recovered >= 0.5"]
+    assert abs(point["value"] - 14 / 30) < 1e-3 and not point["met"]
+    assert by_name["Stable-SAM GT box mIoU >= SAM GT box mIoU - 0.5"]["met"]
+    assert by_name["Stable-SAM stability >= SAM stability + 5, noisy_box_0.4"]["met"]       # 66 vs 60
+    assert not by_name["Stable-SAM stability >= SAM stability + 5, point3"]["met"]          # 84 vs 80
+    assert by_name["mean alpha_1 on noisy-0.4 boxes > on GT boxes"]["met"]
+
+
+def test_trainable_part_keeps_the_other_part_at_its_no_op_start(tiny_model):
+    ds = _train_set(1)
+    for part in ("offsets", "projection"):
+        plugin, _ = train_plugin(tiny_model, ds, RTSConfig(trainable=part, probe_images=0, offset_lr_scale=0.5),
+                                 progress=False, log=lambda s: None)
+        dsp = plugin.dsp
+        if part == "offsets":
+            assert torch.equal(dsp.proj.weight, torch.eye(256)) and not dsp.proj.weight.requires_grad
+            assert dsp.offset.weight.abs().sum() > 0
+        else:
+            assert dsp.offset.weight.abs().sum() == 0 and dsp.offset.bias.abs().sum() == 0
+            assert not torch.equal(dsp.proj.weight, torch.eye(256))
+    with pytest.raises(ValueError, match="trainable"):
+        RTSConfig(trainable="decoder")
 
 
 def test_benchmark_script_json_contract(tiny_model, tmp_path):
@@ -154,13 +191,20 @@ def test_benchmark_script_json_contract(tiny_model, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     last = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(last) == {"sam", "stable_sam", "plugin_params"}
+    assert set(last) == {"sam", "stable_sam", "offsets", "plugin_params"}
     for model in ("sam", "stable_sam"):
-        assert list(last[model]) == list(PROMPT_TYPES)
-        assert all(set(v) == {"miou", "mbiou", "stability"} for v in last[model].values())
+        assert list(last[model]) == list(PROMPT_TYPES) + ["alpha"]
+        assert all(set(last[model][t]) == {"miou", "mbiou", "stability"} for t in PROMPT_TYPES)
+    assert last["sam"]["alpha"] is None
+    assert list(last["stable_sam"]["alpha"]) == list(PROMPT_TYPES)
+    assert all(0 < a < 1 for a in last["stable_sam"]["alpha"].values())
+    assert set(last["offsets"]) == {"mean_cells", "at_bound_share"}
+    assert last["offsets"]["mean_cells"] > 0 and 0 <= last["offsets"]["at_bound_share"] <= 1
     assert last["plugin_params"] == 81_828
     assert (tmp_path / "b.png").stat().st_size > 0
-    assert json.loads((tmp_path / "b.json").read_text())["results"]["sam"] == last["sam"]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["results"]["sam"] == {t: last["sam"][t] for t in PROMPT_TYPES}
+    assert report["alpha"]["stable_sam"] == last["stable_sam"]["alpha"]
     bad = subprocess.run(cmd[:2] + ["--plugin", str(tmp_path / "missing.pt")], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
