@@ -234,7 +234,7 @@ def preprocessed_inputs(model: StableSam, paths: Sequence[Path]) -> List[torch.T
 
 
 def time_job(model: StableSam, work: WorkList, out: Path, threaded: bool,
-             encode_ahead: Optional[bool] = None, encoder_stream: Optional[bool] = None) -> OfflineSummary:
+             encode_ahead: Optional[bool] = None, encoder_stream: bool = False) -> OfflineSummary:
     """One offline pre-annotation run from an empty embedding cache (every image is encoded, as in
     a fresh run). ``threaded=False``: no background threads (the serial baseline)."""
     model.cache = EmbeddingCache(max_mb=1024)

@@ -115,18 +115,17 @@ class ImagePipeline:
     item order. One bad image never stops it. The single-machine job and each Ray worker run this.
     ``read_ahead=0``: no background threads (the serial baseline); ``encode_ahead=False``: encode in
     the iterating thread; None: ``encode_ahead_helps`` on the model's device. ``stage_s``: busy seconds of each stage and the wait for the encoder.
-    ``encoder_stream``: on CUDA, the encoder thread queues its work on a CUDA stream of its own, so
-    the decoder's device-to-host copies wait only for the decoder's kernels, not for the encoder's
-    queued image too (None: whenever it encodes ahead on CUDA)."""
+    ``encoder_stream``: when encoding ahead on CUDA, the encoder thread queues its work on a CUDA
+    stream of its own, so the decoder's device-to-host copies wait only for the decoder's kernels,
+    not for the encoder's queued image too. Off until a GPU run shows it pays
+    (``scripts/device_report.py`` measures both; docs/gpu.md)."""
 
     def __init__(self, model: StableSam, items: Sequence[WorkItem], auto: Optional[AutoConfig] = None,
                  auto_category: int = 0, png_dir: Optional[Path] = None, read_ahead: int = 4,
-                 encode_ahead: Optional[bool] = None, encoder_stream: Optional[bool] = None) -> None:
+                 encode_ahead: Optional[bool] = None, encoder_stream: bool = False) -> None:
         if encode_ahead is None:
             encode_ahead = encode_ahead_helps(model.device)
         ahead = bool(read_ahead and encode_ahead)
-        if encoder_stream is None:
-            encoder_stream = ahead
         self.stream = torch.cuda.Stream(model.device) if encoder_stream and ahead and model.device.type == "cuda" else None
         self.model, self.auto, self.auto_category, self.png_dir = model, auto, auto_category, png_dir
         self.reader = ReadAhead(items, self._read, depth=read_ahead, name="preannotate-read")
@@ -181,7 +180,7 @@ class ImagePipeline:
 def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optional[Path] = None,
                 auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
                 fresh: bool = False, read_ahead: int = 4, encode_ahead: Optional[bool] = None,
-                progress: bool = True, encoder_stream: Optional[bool] = None) -> OfflineSummary:
+                progress: bool = True, encoder_stream: bool = False) -> OfflineSummary:
     """Pre-annotate ``work`` into ``output`` (COCO JSON). ``auto``: segment images without prompts
     automatically (category ``auto_label``). ``limit``: at most that many images this run.
     ``fresh``: ignore (delete) the journal of an earlier run. ``read_ahead=0``: no background
