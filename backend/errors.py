@@ -44,6 +44,10 @@ def clip(value: object, n: int = ECHO_CHARS) -> str:
     """``repr(value)`` cut to ``n`` characters, for echoing what a client sent: a 1 MB name must
     not come back whole in the answer or the log. Containers are summarised, not walked (a deeply
     nested one would recurse)."""
+    if isinstance(value, (list, tuple)) and len(value) <= 20 and all(
+            isinstance(v, (str, int, float)) for v in value):  # flat: shown, each item clipped
+        text = "[" + ", ".join(clip(v, n) for v in value) + "]"
+        return text if len(text) <= n else f"{text[:n - 3]}... ({len(value)} items)"
     if isinstance(value, (dict, list, tuple)):
         return f"<{type(value).__name__} of {len(value)}>"
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:

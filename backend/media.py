@@ -484,4 +484,9 @@ class ImageLoader:
 
 
 def _short(url: str, n: int = 100) -> str:
-    return url if len(url) <= n else url[: n - 3] + "..."
+    """``url`` cut to ``n`` characters, control characters escaped (a NUL or a newline must not
+    reach the log as is)."""
+    head = url if len(url) <= n else url[: n - 3]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
+    return head if len(url) <= n else head + "..."

@@ -50,10 +50,14 @@ class Body:
     """One request: method, path, JSON or raw bytes, the statuses that are right for it."""
 
     def __init__(self, cls: str, path: str, expect: Tuple[int, ...], payload: Any = None, raw: Optional[bytes] = None,
-                 key: Optional[str] = None, method: str = "post") -> None:
+                 key: Optional[str] = None, method: str = "post", close: bool = False) -> None:
         self.cls, self.path, self.expect, self.payload, self.raw = cls, path, expect, payload, raw
         self.key = key  # valid bodies: compared with the single-threaded answer
         self.method = method
+        # gunicorn answers a body it did not read (413 on Content-Length) with keep-alive, then
+        # drops the connection when more than 64 KB of it is left: such a request goes on a
+        # connection of its own, or the next request on it fails with RemoteDisconnected
+        self.close = close
 
 
 def predict(image: str, regions: List[dict], task_id: int = 1, config: Any = RECOMMENDED_CONFIG, **extra) -> dict:
@@ -125,7 +129,7 @@ def make_bodies(root: Path, images: int) -> Tuple[List[Body], List[Body]]:
         Body("unknown-label", "/predict", (400,), predict(img, [keypoint(*centroid(sc.masks[0]), sc.size, label="Car")])),
         Body("ssrf-private", "/predict", (403,), predict("http://10.0.0.1/x.png", [kp])),
         Body("ssrf-loopback", "/predict", (403,), predict("http://127.0.0.1:1/x.png", [kp])),
-        Body("body-over-limit", "/predict", (413,), raw=b'{"pad": "' + b"x" * (5 * 2**20) + b'"}'),
+        Body("body-over-limit", "/predict", (413,), raw=b'{"pad": "' + b"x" * (5 * 2**20) + b'"}', close=True),
     ]
     return valid, hostile
 
@@ -133,10 +137,13 @@ def make_bodies(root: Path, images: int) -> Tuple[List[Body], List[Body]]:
 def send(session: requests.Session, url: str, body: Body) -> Tuple[int, Optional[dict], float]:
     t = time.perf_counter()
     kwargs: Dict[str, Any] = {"timeout": 120}
+    headers = {"Connection": "close"} if body.close else {}
     if body.raw is not None:
-        kwargs.update(data=body.raw, headers={"Content-Type": "application/json"})
+        kwargs["data"] = body.raw
+        headers["Content-Type"] = "application/json"
     elif body.payload is not None:
         kwargs["json"] = body.payload
+    kwargs["headers"] = headers
     r = getattr(session, body.method)(url + body.path, **kwargs)
     seconds = time.perf_counter() - t
     try:
@@ -262,7 +269,7 @@ def main() -> None:
                     status, data, seconds = send(s, url, b)
                 except requests.RequestException as e:
                     with lock:
-                        errors_by_class[b.cls][f"no answer: {e.__class__.__name__}"] += 1
+                        errors_by_class[b.cls][f"no answer: {e.__class__.__name__}: {str(e)[-120:]}"] += 1
                     continue
                 with lock:
                     latencies.append(seconds)
