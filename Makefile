@@ -1,7 +1,8 @@
 # The README's two commands: `make run` and `make test`. Both install what they need first.
 #   make run   - the Label Studio ML backend on port 9090 (gunicorn; small SAM unless configured)
 #   make test  - unit tests, backend tests and the end-to-end test against a real Label Studio,
-#                which lives in its own venv (.venv-ls: it pins Django and its own SDK)
+#                which lives in its own venv (.venv-ls: it pins Django and its own SDK), and the
+#                browser test of the labeling screen (Debian's chromium, installed with apt-get)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,8 +11,12 @@ LS_VENV := .venv-ls
 LS_VERSION := 1.23.2
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
 PORT ?= 9090
+# The browser test drives Debian's chromium through Playwright (a browser build that Playwright
+# would download is not used); apt-get needs root, sudo otherwise.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-ls demo bench
+.PHONY: run test install install-ls install-chromium demo bench
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-ray.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +30,13 @@ $(LS_STAMP):
 	$(LS_VENV)/bin/python -m pip install --quiet label-studio==$(LS_VERSION)
 	touch $(LS_STAMP)
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
 install: $(STAMP)
+
+install-chromium: $(CHROMIUM)
 
 install-ls: $(LS_STAMP)
 
@@ -38,6 +49,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_backend.py
 
-# STABLE_SAM_E2E=require: the end-to-end test fails (instead of skipping) without Label Studio.
-test: $(STAMP) $(LS_STAMP)
+# STABLE_SAM_E2E=require: the end-to-end tests fail (instead of skipping) without Label Studio,
+# Chromium or Playwright.
+test: $(STAMP) $(LS_STAMP) $(CHROMIUM)
 	STABLE_SAM_E2E=require LABEL_STUDIO_BIN=$(CURDIR)/$(LS_VENV)/bin/label-studio $(PY) -m pytest -q tests

@@ -15,6 +15,7 @@ activates a new version every worker serves it from its next request, without a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -43,6 +44,8 @@ from .errors import BadInput, ClientGone, clip
 from .jobs import JobManager
 from .media import ImageLoader
 from .metrics import Metrics
+from .prefetch import Prefetcher
+from .previous_masks import PreviousMasks, prompt_key
 from .prompts import (KEYPOINT_CONTROL_TAGS, PROMPT_CONTROL_TAGS, RECTANGLE_CONTROL_TAGS, PromptGroup, Region,
                       group_prompts, parse_regions, result_regions)
 from .settings import BackendSettings
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 COUNTED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+NO_PREDICTION: List[Dict[str, Any]] = []  # a task's entry in /predict's results: store nothing for it
 MAX_PROJECT_ID = 2**63 - 1  # Label Studio's ids are database integers
 
 
@@ -140,6 +144,8 @@ class StableSamBackend:
         self.settings = settings or BackendSettings.from_env()
         self.metrics = Metrics()
         self.images = ImageLoader(self.settings)
+        self.prefetcher = Prefetcher(self.settings.prefetch_queue, self.metrics)
+        self.previous_masks = PreviousMasks(self.settings.previous_mask_items, self.settings.previous_mask_ttl_s)
         self._factory = model_factory or (lambda: build_from_settings(self.settings))
         self._model: Optional[StableSam] = None
         self._model_lock = threading.Lock()
@@ -414,12 +420,18 @@ class StableSamBackend:
     def predict(self, tasks: Sequence[Dict[str, Any]], context: Optional[Dict[str, Any]] = None,
                 label_config: Optional[str] = None, project: Any = None,
                 client_gone: Optional[Callable[[], bool]] = None, **kwargs) -> List[Dict[str, Any]]:
-        """One prediction ``{"model_version", "score", "result"}`` per task.
+        """One entry per task, in the order of ``tasks``: a prediction ``{"model_version", "score",
+        "result"}``, or ``[]`` (no prediction).
 
         With ``context`` (an interactive click), its ``result`` regions are the prompts and any
-        problem is a 4xx. Without (a batch), each task's own annotations / predictions give the
-        prompts; a task without any, or whose image fails, gets an empty result and a log line.
-        ``client_gone()`` is asked before each task's work: True stops the request (``ClientGone``)."""
+        problem is a 4xx. Without (a batch, or Label Studio opening a task), each task's own
+        annotations / predictions give the prompts; a task without any, or whose image fails, gets
+        ``[]`` and a log line. Label Studio pairs ``results`` with ``tasks`` by position and takes
+        each entry as one prediction or a list of them, so ``[]`` stores nothing for that task
+        (an empty prediction would show as an extra, empty prediction tab on every task). A single
+        task without prompts is a task being opened: its image is queued for background encoding
+        (``backend/prefetch.py``) and the answer does not wait for the model. ``client_gone()``
+        is asked before each task's work: True stops the request (``ClientGone``)."""
         if not isinstance(tasks, list) or not tasks:
             raise BadInput("no tasks: 'tasks' must be a non-empty list")
         limit = self.settings.max_tasks_per_request
@@ -438,37 +450,59 @@ class StableSamBackend:
             regions = self._regions(context["result"], "context.result")
             if not regions:
                 raise BadInput("context.result has no keypoint or rectangle to prompt with")
+        else:
+            prompts_by_task = [result_regions(task) for task in tasks]
+            if not any(results for results, _ in prompts_by_task):
+                for task, (_, reason) in zip(tasks, prompts_by_task):
+                    log.info("task %s: no prediction: %s", task.get("id"), reason)
+                self.metrics.count("batch_tasks_skipped_total", len(tasks))
+                if len(tasks) == 1:
+                    self.prefetch(cfg, tasks[0])
+                return [NO_PREDICTION for _ in tasks]
         model = self.model
         serving = self.serving(project if project_id(project) is not None else tasks[0].get("project"))
         plugin = self.plugin_for(serving, model)
         version = f"{model.model_id}+plugin-{serving.version}"
-        out = []
-        for done, task in enumerate(tasks):
+        out: List[Any] = []
+        if interactive:
+            pid = project_id(project) if project_id(project) is not None else project_id(tasks[0].get("project"))
+            for done, task in enumerate(tasks):
+                self._stop_if_gone(client_gone, done, len(tasks))
+                out.append(self._predict_task(model, plugin, version, cfg, task, regions, memory_scope=(pid, version)))
+            return out
+        for done, (task, (results, source)) in enumerate(zip(tasks, prompts_by_task)):
             self._stop_if_gone(client_gone, done, len(tasks))
             tid = clip(task.get("id"), 40)
-            if interactive:
-                out.append(self._predict_task(model, plugin, version, cfg, task, regions))
-                continue
-            results, source = result_regions(task)
             if not results:
-                log.info("task %s: empty prediction: %s", tid, source)
+                log.info("task %s: no prediction: %s", tid, source)
                 self.metrics.count("batch_tasks_skipped_total")
-                out.append(self._empty(version))
+                out.append(NO_PREDICTION)
                 continue
             try:
                 out.append(self._predict_task(model, plugin, version, cfg, task, self._regions(results, source)))
                 log.info("task %s: prompts from %s", tid, source)
             except BadInput as e:
-                log.warning("task %s: empty prediction: %s (prompts from %s)", tid, e.message, source)
+                log.warning("task %s: no prediction: %s (prompts from %s)", tid, e.message, source)
                 self.metrics.count("batch_tasks_failed_total")
-                out.append(self._empty(version))
+                out.append(NO_PREDICTION)
         return out
 
-    # -- internals ---------------------------------------------------------------------------------
-    @staticmethod
-    def _empty(version: str) -> Dict[str, Any]:
-        return {"model_version": version, "score": 0.0, "result": []}
+    def prefetch(self, cfg: ParsedConfig, task: Dict[str, Any]) -> None:
+        """Queue the task's images to be fetched and encoded in the background (never blocks)."""
+        for to_name in cfg.brush_by_image:
+            key = cfg.image_keys.get(to_name)
+            url = task["data"].get(key) if key else None
+            if isinstance(url, str) and url.strip():
+                tid = task.get("id")
+                self.prefetcher.submit((url.strip(), tid), functools.partial(self._encode_ahead, url.strip(), tid))
 
+    def _encode_ahead(self, url: str, task_id: Any) -> None:
+        t = time.perf_counter()
+        model = self.model  # the first task opened also loads the model, off the request
+        self.images.load(url, task_id, on_loaded=lambda im: self._embed(model, im))
+        log.info("task %s: image prefetched and encoded in %.2f s", task_id, time.perf_counter() - t)
+
+    # -- internals ---------------------------------------------------------------------------------
     @staticmethod
     def _stop_if_gone(client_gone: Optional[Callable[[], bool]], done: int, total: int) -> bool:
         """Raises ``ClientGone`` when the client has closed its connection (False otherwise)."""
@@ -510,7 +544,10 @@ class StableSamBackend:
         return {"embedding": model.embed(image), "model_id": model.model_id}
 
     def _predict_task(self, model: StableSam, plugin: Optional[StableSamPlugin], version: str, cfg: ParsedConfig,
-                      task: Dict[str, Any], regions: Sequence[Region]) -> Dict[str, Any]:
+                      task: Dict[str, Any], regions: Sequence[Region],
+                      memory_scope: Optional[Tuple[Any, ...]] = None) -> Dict[str, Any]:
+        """``memory_scope`` (interactive clicks: project and model version): previous masks are
+        looked up and kept under it, with the task and image (``backend/previous_masks.py``)."""
         self._check_regions(cfg, regions)
         by_image: Dict[str, List[Region]] = {}
         for r in regions:
@@ -538,15 +575,22 @@ class StableSamBackend:
                             "mask of the decoded size", clip(task.get("id"), 40), to_name, *claimed, w, h)
             brush = cfg.brush_by_image[to_name]
             labels = [_output_label(g, brush) for g in groups]
-            for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h)):
+            # the task and image by digest: a key never holds a request's (maybe huge) strings
+            scope = None if memory_scope is None else memory_scope + (
+                hashlib.sha256(f"{task.get('id')!r}|{url}".encode("utf-8", "replace")).hexdigest(),)
+            for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h, scope)):
                 results.append(self.brush_result(g, label, brush.name, to_name, pred, (w, h), (w, h)))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
         return {"model_version": version, "score": round(score, 4), "result": results}
 
     def _decode(self, model: StableSam, plugin: Optional[StableSamPlugin], emb, groups: List[PromptGroup],
-                w: int, h: int):
+                w: int, h: int, memory_scope: Optional[Tuple[Any, ...]] = None):
         """Predict every group, batching groups of the same shape (boxes with K points) in one call,
-        with ``plugin`` (the project's version; None: the model's default plugin)."""
+        with ``plugin`` (the project's version; None: the model's default plugin).
+
+        With ``memory_scope`` (an interactive click), a group whose prompts minus the newest point
+        were predicted before gets that prediction's low-res logits as its mask prompt (SAM's
+        corrective loop), decoded on its own; every group's logits are kept for the next click."""
         if not groups:  # e.g. only negative clicks so far: nothing to segment yet
             return []
         predictor = StableSamPredictor(model, plugin=plugin)
@@ -555,12 +599,39 @@ class StableSamBackend:
                                 [min(max(g.box[0], 0), w), min(max(g.box[1], 0), h),
                                  min(max(g.box[2], 0), w), min(max(g.box[3], 0), h)],
                                 points=g.points or None, labels=g.point_labels or None) for g in groups]
+        keys: List[Optional[Tuple[Any, ...]]] = [None] * len(groups)
+        previous: List[Optional[np.ndarray]] = [None] * len(groups)
+        if memory_scope is not None and self.previous_masks.enabled:
+            for i, (g, p) in enumerate(zip(groups, prompts)):
+                where = memory_scope + (g.to_name, g.source_from_name, g.label)
+                keys[i] = where + prompt_key(p.box, g.points, g.point_labels)
+                if g.points and (p.box is not None or len(g.points) > 1):
+                    previous[i] = self.previous_masks.get(
+                        where + prompt_key(p.box, g.points[:-1], g.point_labels[:-1]))
+        fresh = [i for i in range(len(groups)) if previous[i] is None]
+        rows: Dict[int, Tuple[np.ndarray, float, float, Optional[List[float]], np.ndarray]] = {}
         try:
-            out = predictor.predict_objects(prompts)
+            if fresh:
+                out = predictor.predict_objects([prompts[i] for i in fresh])
+                for j, i in enumerate(fresh):
+                    rows[i] = (out.masks[j], float(out.scores[j]), float(out.stability[j]),
+                               out.alpha[j].tolist() if out.alpha is not None else None, out.low_res_logits[j])
+            for i in range(len(groups)):
+                if previous[i] is None:
+                    continue
+                p = prompts[i]
+                out = predictor.predict(point_coords=p.points, point_labels=p.labels, box=p.box,
+                                        mask_input=previous[i][None, None], multimask_output=False)
+                rows[i] = (out.masks[0], float(out.scores[0]), float(out.stability[0]),
+                           out.alpha[0].tolist() if out.alpha is not None else None, out.low_res_logits[0])
+                self.metrics.count("corrective_clicks_total")
         except PromptError as e:
             raise BadInput(f"prompt rejected: {e}") from None
-        preds = [{"mask": out.masks[i], "score": float(out.scores[i]), "stability": float(out.stability[i]),
-                  "alpha": out.alpha[i].tolist() if out.alpha is not None else None} for i in range(len(groups))]
+        for i, key in enumerate(keys):
+            if key is not None:
+                self.previous_masks.put(key, rows[i][4])
+        preds = [{"mask": rows[i][0], "score": rows[i][1], "stability": rows[i][2], "alpha": rows[i][3]}
+                 for i in range(len(groups))]
         self.metrics.count("masks_total", len(groups))
         return preds
 

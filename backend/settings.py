@@ -129,6 +129,13 @@ class BackendSettings(ModelSettings):
     image_cache_items: int = 16  # IMAGE_CACHE_ITEMS (0: off)
     image_cache_mb: float = 1024.0  # IMAGE_CACHE_MB: pixel budget of that cache
     image_cache_ttl_s: float = 600.0  # IMAGE_CACHE_TTL_S
+    # Opening a task (Label Studio's no-context /predict) queues its image to be fetched and
+    # encoded in the background, so the first click costs a decoder pass (backend/prefetch.py).
+    prefetch_queue: int = 4  # PREFETCH_QUEUE: images waiting at most; a full queue drops (0: off)
+    # The previous mask of an object being clicked, fed back with the next click (SAM's loop;
+    # backend/previous_masks.py).
+    previous_mask_items: int = 256  # PREVIOUS_MASK_ITEMS: entries kept (0: off)
+    previous_mask_ttl_s: float = 600.0  # PREVIOUS_MASK_TTL_S: an entry's lifetime
     # Label configs: parsed ones by their text, and each project's /setup schema; each store keeps
     # at most this many entries and this many MB of config text.
     schema_cache_items: int = 64  # SCHEMA_CACHE_ITEMS
@@ -186,6 +193,9 @@ class BackendSettings(ModelSettings):
             image_cache_items=_int(env, "IMAGE_CACHE_ITEMS", cls.image_cache_items, 0),
             image_cache_mb=_float(env, "IMAGE_CACHE_MB", cls.image_cache_mb, 0.0),
             image_cache_ttl_s=_float(env, "IMAGE_CACHE_TTL_S", cls.image_cache_ttl_s, 0.0),
+            prefetch_queue=_int(env, "PREFETCH_QUEUE", cls.prefetch_queue, 0),
+            previous_mask_items=_int(env, "PREVIOUS_MASK_ITEMS", cls.previous_mask_items, 0),
+            previous_mask_ttl_s=_float(env, "PREVIOUS_MASK_TTL_S", cls.previous_mask_ttl_s, 0.0),
             local_files_root=Path(root).expanduser().resolve() if root else None,
             preload_model=_bool(env, "PRELOAD_MODEL", cls.preload_model),
             host=_str(env, "HOST") or cls.host,
