@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 COUNTED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+UNTRAINED_PLUGIN = "init"  # the plugin version of the untrained, no-op plugin (stable_sam/build.py)
 NO_PREDICTION: List[Dict[str, Any]] = []  # a task's entry in /predict's results: store nothing for it
 MAX_PROJECT_ID = 2**63 - 1  # Label Studio's ids are database integers
 
@@ -579,7 +580,8 @@ class StableSamBackend:
             scope = None if memory_scope is None else memory_scope + (
                 hashlib.sha256(f"{task.get('id')!r}|{url}".encode("utf-8", "replace")).hexdigest(),)
             for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h, scope)):
-                results.append(self.brush_result(g, label, brush.name, to_name, pred, (w, h), (w, h)))
+                results.append(self.brush_result(g, label, brush.name, to_name, pred, (w, h), (w, h),
+                                                 plugin_version=version.rsplit("+plugin-", 1)[-1]))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
         return {"model_version": version, "score": round(score, 4), "result": results}
 
@@ -637,7 +639,11 @@ class StableSamBackend:
 
     @staticmethod
     def brush_result(g: PromptGroup, label: str, from_name: str, to_name: str, pred: Dict[str, Any],
-                      size: Tuple[int, int], out_size: Tuple[int, int]) -> Dict[str, Any]:
+                      size: Tuple[int, int], out_size: Tuple[int, int],
+                      plugin_version: Optional[str] = None) -> Dict[str, Any]:
+        """One brushlabels result. ``plugin_version`` "init" (the untrained plugin, a no-op: the
+        mask is plain SAM's) keeps the DRP routing weights out of the region details text, where
+        they would read as if they meant something; ``stable_sam`` still carries them."""
         mask = pred["mask"]
         if out_size != size:
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(out_size, Image.NEAREST)) > 127
@@ -648,7 +654,10 @@ class StableSamBackend:
         text = f"Stable-SAM: predicted IoU {score:.2f}, stability {stability:.2f}"
         if alpha is not None:
             info.update(alpha_deformed=round(alpha[0], 4), alpha_regular=round(alpha[1], 4))
-            text += f", DRP routing deformed {alpha[0]:.2f} / regular {alpha[1]:.2f}"
+            if plugin_version == UNTRAINED_PLUGIN:
+                text += ", plain SAM (untrained plugin)"
+            else:
+                text += f", DRP routing deformed {alpha[0]:.2f} / regular {alpha[1]:.2f}"
         text += f" ({g.describe()})"
         return {
             "id": f"{g.source_ids[0]}_sam"[:64],

@@ -320,12 +320,13 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
         assert not m2[int(neg[1]), int(neg[0])]
         iou2 = iou(m2, obj)
         assert iou2 >= MASK_IOU, iou2
+        who.screen("2-alt-click-suggestion")
 
         # 3. accept: the keypoints become one brush region, in the outliner and on the canvas
         who.accept()
         assert page.locator(".lsf-tree__node_type_brushregion").count() == 1
         assert page.locator(".lsf-tree__node_type_keypointregion").count() == 0
-        after_kp = who.canvas("2-keypoint-accepted")
+        after_kp = who.canvas("3-keypoint-accepted")
         canvas_kp = _canvas_iou(who, clean, after_kp, m2)  # the accepted mask, drawn where it belongs
         assert canvas_kp >= CANVAS_IOU, canvas_kp
 
@@ -339,13 +340,17 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
         m3 = _mask(answer, label)
         iou3 = iou(m3, obj2)
         assert iou3 >= MASK_IOU, iou3
-        who.screen("3-rectangle-suggestion")
+        who.screen("4-rectangle-suggestion")
         who.accept()
         assert page.locator(".lsf-tree__node_type_brushregion").count() == 2
-        after_rect = who.canvas("4-both-accepted")
+        after_rect = who.canvas("5-both-accepted")
         canvas_rect = _canvas_iou(who, after_kp, after_rect, m3)
         assert canvas_rect >= CANVAS_IOU, canvas_rect
-        who.screen("5-before-submit")
+        # the region's details show what the backend says about the mask (meta.text)
+        page.locator(".lsf-tree__node_type_brushregion").first.click()
+        page.get_by_text("Stable-SAM: predicted IoU").first.wait_for(timeout=10_000)
+        who.screen("6-region-details")
+        page.keyboard.press("Escape")
 
         # 5. submit; the stored annotation holds both masks
         with page.expect_response(lambda r: "/annotations" in r.url and r.request.method == "POST") as sub:
