@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import io
 import ipaddress
 import logging
@@ -94,6 +95,9 @@ class AddressGuard:
                 f"comma-separated) or turn the protection off with SSRF_PROTECTION=0")
 
 
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
+
+
 class _Download:
     """One image download: every connection it opens is checked against the guard, and all of
     them are shut down when FETCH_DEADLINE_S passes (a read blocked on a trickling server then
@@ -114,8 +118,13 @@ class _Download:
 
     def address(self, host: str, port: int) -> str:
         """The address to connect to for ``host``: every address it resolves to is checked (one
-        refused address refuses the host)."""
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)  # gaierror: unreachable
+        refused address refuses the host). The lookup is bounded by the deadline too: it runs on a
+        small pool (a hung resolver keeps a pool thread, not the request's)."""
+        lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        try:
+            infos = lookup.result(timeout=self.remaining())  # gaierror: unreachable
+        except concurrent.futures.TimeoutError:
+            raise self.timeout_error() from None
         addresses = [info[4][0] for info in infos]
         for address in addresses:
             why = self.guard.refusal(host, address)

@@ -8,7 +8,8 @@ non-JSON answer or unexpected status is an error), latency p50 / p95 / max, the 
 resident memory (VmHWM; only for a backend this script started) and whether every valid answer's
 masks equal the single-threaded ones.
 
-    python scripts/soak.py [--threads 8] [--requests 50] [--time-limit 300] [--url http://127.0.0.1:9090] [--json]
+    python scripts/soak.py [--threads 8] [--requests 50] [--time-limit 300] [--url http://127.0.0.1:9090]
+                           [--limit-cost 200] [--json]
 
 Last line with --json: {"requests", "errors", "errors_by_class", "status_by_class", "latency_ms":
 {"p50", "p95", "max"}, "worker_peak_rss_mb", "valid_masks_equal", "valid_answers", "seconds", ...}.
@@ -212,6 +213,9 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="a backend already running on a loopback address")
     ap.add_argument("--server-threads", type=int, default=8, help="THREADS of the backend this script starts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit-cost", type=int, default=0, metavar="N",
+                    help="afterwards, time one request of N rectangles and one of N keypoints (e.g. 200, the "
+                         "default MAX_REGIONS_PER_CONTEXT): what one request at the limit costs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not (1 <= args.threads <= MAX_THREADS and 1 <= args.requests <= MAX_REQUESTS
@@ -291,6 +295,17 @@ def main() -> None:
             t.join()
         seconds = time.perf_counter() - t1
         rss = peak_rss_mb(worker_pid(proc.proc.pid)) if proc is not None else None
+        limit_cost: Dict[str, Any] = {}
+        if args.limit_cost:
+            sc = drawn_scene(200)
+            n = args.limit_cost
+            for kind, regions in (
+                    ("rectangles", [rectangle((j % 100, j % 80, j % 100 + 100, j % 80 + 90), sc.size, rid=f"r{j}")
+                                    for j in range(n)]),
+                    ("keypoints", [keypoint(10 + j % 200, 10 + j % 150, sc.size, rid=f"k{j}") for j in range(n)])):
+                status, _, secs = send(session, url, Body("limit", "/predict", (200,),
+                                                          predict(str(media / "scene0.png"), regions, task_id=9100)))
+                limit_cost[kind] = {"regions": n, "status": status, "seconds": round(secs, 2)}
         metrics = session.get(f"{url}/metrics", params={"format": "json"}, timeout=30).json()
     finally:
         if proc is not None:
@@ -311,6 +326,8 @@ def main() -> None:
         "encoder_calls": metrics.get("model_encoder_calls_total", metrics.get("encoder_calls_total")),
         "single_thread_warmup_s": round(warm_s, 1), "seconds": round(seconds, 1),
     }
+    if limit_cost:
+        out["limit_request"] = limit_cost
     print(f"{out['requests']} of {out['planned']} requests ({args.threads} threads, {args.hostile_share:.0%} hostile) "
           f"in {out['seconds']} s: {errors} errors")
     for cls in sorted(status_by_class):
@@ -322,6 +339,8 @@ def main() -> None:
     print(f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, max {lat['max']} ms; worker peak RSS "
           f"{rss if rss is not None else 'unknown'} MB; valid masks equal to the single-threaded ones: "
           f"{out['valid_masks_equal']} ({valid_answers} answers)")
+    for kind, c in limit_cost.items():
+        print(f"one request of {c['regions']} {kind}: {c['status']} in {c['seconds']} s")
     if args.json:
         print(json.dumps(out))
     if errors or mismatches:
