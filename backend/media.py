@@ -388,6 +388,11 @@ class ImageLoader:
         url = url.strip()
         if len(url) > MAX_URL_CHARS and not url.startswith("data:"):
             raise BadInput(f"image URL {_short(url)} is {len(url)} characters long, over {MAX_URL_CHARS}")
+        if ls_io.is_cloud_storage_uri(url) and task_id is not None and (
+                isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < 2**63):
+            # it goes into Label Studio's presign URL (/tasks/<id>/presign/) and the cache key
+            raise BadInput(f"image {_short(url)} is a cloud-storage URI: the task id must be a Label Studio "
+                           f"task id (a whole number), got {clip(task_id, 40)}")
         hit = self.cached(url, task_id)
         if hit is not None:
             return hit

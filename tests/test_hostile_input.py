@@ -267,6 +267,21 @@ def test_local_paths_with_nul_dot_directory_and_over_long_names(client, media_di
         assert len(msg) < 400
 
 
+def test_cloud_uri_task_id_must_be_a_task_id(settings, tiny_model, scene):
+    """Found by the fuzz test: an s3:// image with a list as task id was a TypeError (the cache
+    key); a string one would go into Label Studio's presign path (/tasks/<id>/presign/)."""
+    s = replace(settings, label_studio_url="http://127.0.0.1:1", label_studio_api_key="k")
+    c = create_app(backend=StableSamBackend(s, model=tiny_model)).test_client()
+    kp = keypoint(*centroid(scene.masks[0]), scene.size)
+    for task_id in ([1], {"id": 1}, "1/../../api/projects", -1, 2**70, True, 1.5):
+        payload = body("s3://bucket/x.png", [kp])
+        payload["tasks"][0]["id"] = task_id
+        refused(c, "/predict", payload, words=["task id"])
+    payload = body("s3://bucket/x.png", [kp])
+    payload["tasks"][0]["id"] = 7
+    refused(c, "/predict", payload, status=422, words=["unreachable"])  # a task id: presigned through Label Studio
+
+
 @pytest.mark.parametrize("size", [(20000, 1), (2, 20000), (1, 1), (3000, 2)])
 def test_extreme_aspect_ratios_give_a_mask_of_the_image(client, size):
     w, h = size
@@ -640,7 +655,7 @@ image_url = st.sampled_from([
     "http://10.0.0.1/x.png", "http://user:pw@192.168.0.1/x", "ftp://x/y", " ", "\x00"]) | st.text(max_size=40)
 
 
-@hsettings(max_examples=60, deadline=None, database=None,
+@hsettings(max_examples=100, deadline=None, database=None,
            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(task_id=json_value, image=image_url | json_leaf, project=json_value)
 def test_fuzz_predict_task_fields(client, scene, task_id, image, project):
