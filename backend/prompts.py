@@ -231,7 +231,7 @@ def result_regions(task: Dict[str, Any], sources: Sequence[str] = PROMPT_SOURCES
         raise ValueError(f"prompt sources must be some of {PROMPT_SOURCES}, got {list(sources)}")
 
     def newest_first(items: Any) -> List[Dict[str, Any]]:
-        items = [i for i in (items or []) if isinstance(i, dict)]
+        items = [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
         return sorted(items, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""),
                                             i.get("id") if isinstance(i.get("id"), int) else 0), reverse=True)
 

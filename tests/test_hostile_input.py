@@ -664,3 +664,16 @@ def test_fuzz_predict_task_fields(client, scene, task_id, image, project):
     payload = body("", [keypoint(*centroid(scene.masks[0]), scene.size)], project=project)
     payload["tasks"][0].update(id=task_id, data={"image": image})
     _timed(client, "/predict", payload=payload)
+
+
+@hsettings(max_examples=80, deadline=None, database=None,
+           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(tasks=st.lists(st.fixed_dictionaries({
+    "id": json_leaf, "data": st.fixed_dictionaries({"image": image_url | st.just("/data/local-files/?d=scene.png")}),
+    "annotations": st.lists(st.fixed_dictionaries({"id": json_leaf, "result": st.lists(region, max_size=3) | json_value,
+                                                    "was_cancelled": json_leaf}), max_size=2) | json_leaf,
+    "predictions": json_value}), min_size=1, max_size=4))
+def test_fuzz_batch_tasks(client, tasks):
+    """Batch calls (no context): each task's stored annotations / predictions are the prompts.
+    Found a 500 when ``predictions`` was not a list."""
+    _timed(client, "/predict", payload={"tasks": tasks, "label_config": RECOMMENDED_CONFIG})
