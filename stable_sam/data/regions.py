@@ -13,7 +13,7 @@ under the box" and barely failed on casual prompts. Here a scene has:
   background under them, textured differently);
 - **parts**: two-tone objects (split by a line) and composites (a body with attached parts of
   other colours);
-- **groups**: objects placed touching or overlapping an earlier one, often in the same colour.
+- **groups**: objects placed touching or overlapping an earlier one, some in the same colour.
 
 ``Scene.masks`` are the whole objects (what the benchmark evaluates, as the HQ datasets annotate
 whole objects); ``Scene.targets`` are every region above (what pretraining samples, as SAM's
@@ -219,20 +219,21 @@ class RegionScenes:
 
     ``size`` px on the long side (a share landscape or portrait); ``families``: the shape families
     objects are drawn from; ``camouflage``: the share of objects coloured like the background under
-    them; ``touching``: the share placed touching or overlapping an earlier object (half of those in
-    its colour).
+    them (+ N(0, 22) per channel); ``touching``: the share placed touching or overlapping an
+    earlier object; ``same_colour``: the share of those in that object's colour (+ N(0, 6)).
     """
 
     def __init__(self, seed: int = REGIONS_TRAIN_SEED, size: int = 256, min_objects: int = 2,
                  max_objects: int = 6, min_area: int = 80, families: Sequence[str] = TRAIN_FAMILIES,
-                 camouflage: float = 0.2, touching: float = 0.4, length: int = 1_000_000) -> None:
+                 camouflage: float = 0.2, touching: float = 0.5, same_colour: float = 0.2,
+                 length: int = 1_000_000) -> None:
         unknown = set(families) - set(ALL_FAMILIES)
         if unknown:
             raise ValueError(f"unknown shape families {sorted(unknown)}; expected some of {ALL_FAMILIES}")
         self.seed, self.size = seed, size
         self.min_objects, self.max_objects, self.min_area = min_objects, max_objects, min_area
         self.families = tuple(families)
-        self.camouflage, self.touching = camouflage, touching
+        self.camouflage, self.touching, self.same_colour = camouflage, touching, same_colour
         self.length = length
 
     def __len__(self) -> int:
@@ -270,10 +271,10 @@ class RegionScenes:
             mask, obj_parts = draw_family(rng, family, h, w, cx, cy, r)
             if not mask.any():
                 continue
-            if touch and rng.random() < 0.5:
+            if touch and rng.random() < self.same_colour:
                 colour = colours[j] + rng.normal(0, 6, 3)  # a same-colour touching neighbour
             elif rng.random() < self.camouflage:
-                colour = image[mask].mean(axis=0) + rng.normal(0, 14, 3)
+                colour = image[mask].mean(axis=0) + rng.normal(0, 22, 3)
             else:
                 colour = _random_color(rng)
             image = np.where(mask[..., None], _texture(rng, h, w, colour, rng.uniform(0, 45)), image)
