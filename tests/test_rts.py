@@ -208,3 +208,19 @@ def test_benchmark_script_json_contract(tiny_model, tmp_path):
     bad = subprocess.run(cmd[:2] + ["--plugin", str(tmp_path / "missing.pt")], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_oracle_fine_tunes_sams_attention_and_puts_it_back(tiny_model):
+    from stable_sam.oracle import attention_finetuned, attention_module, fit_plugin
+
+    ds = _train_set(1)
+    module = attention_module(tiny_model)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cfg = RTSConfig(epochs=2, probe_images=0)
+    with attention_finetuned(tiny_model, ds, cfg) as losses:
+        assert len(losses) == 2 * sum(1 for i in range(len(ds)) if ds[i].masks)
+        assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+        assert not any(p.requires_grad for p in module.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())   # SAM restored
+    plugin, _ = fit_plugin(tiny_model, ds, cfg)
+    assert not plugin.training and plugin.dsp.offset.weight.abs().sum() > 0
