@@ -163,10 +163,18 @@ class Annotator:
         item = row.locator(".lsf-label", has_text=label).first
         return item.locator(".lsf-label__hotkey").inner_text().strip()
 
+    def selected(self, key: str) -> bool:
+        """Whether the label with hotkey ``key`` is selected."""
+        item = self.page.locator(".lsf-label").filter(
+            has=self.page.locator(".lsf-label__hotkey", has_text=key)).first
+        return "lsf-label_selected" in (item.get_attribute("class") or "")
+
     def press(self, key: str) -> None:
-        self.page.keyboard.press(key)
-        self.page.wait_for_timeout(150)
-        assert self.page.locator(".lsf-label_selected").count() == 1, f"hotkey {key} selected no label"
+        """Press a label's hotkey (selects the label unless it is already selected)."""
+        if not self.selected(key):
+            self.page.keyboard.press(key)
+            self.page.wait_for_timeout(150)
+        assert self.selected(key), f"hotkey {key} did not select its label"
 
     def stage(self) -> Dict[str, float]:
         """The canvas' box on the page."""
@@ -308,10 +316,15 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
         who.screen("1-keypoint-suggestion")
         assert "suggestion" in page.get_by_test_id("bottombar-accept-suggestions-button").locator("xpath=..").inner_text()
 
-        # 2. Alt-click the background just right of the object: a negative point
+        # 2. Alt-click the background just right of the object: a negative point. Label Studio
+        # deselects the label after a click: its hotkey again first. (Its setting "Keep label
+        # selected after creating a region" would spare that, but then accepting a suggestion
+        # stores the still-selected keypoint / rectangle label on the brush region as extra
+        # keypointlabels / rectanglelabels results carrying the mask: seen here, so not used.)
         x0, y0, x1, y1 = sc.boxes[0]
         neg = (min(x1 + 6, SIZE[0] - 2), (y0 + y1) / 2)
         assert not obj[int(neg[1]), int(neg[0])]
+        assert not who.selected(kp_key)
         who.press(kp_key)
         answer, timings["later_click_s"] = who.click(*neg, negative=True)
         m2 = _mask(answer, label)
@@ -358,7 +371,8 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
         assert sub.value.status == 201, sub.value.text()
         (ann,) = client.annotations.list(id=tasks[0])
         brushes = [r for r in ann.result if r["type"] == "brushlabels"]
-        assert len(brushes) == 2 and not [r for r in ann.result if r["type"] != "brushlabels"], ann.result
+        assert len(brushes) == 2 and not [r for r in ann.result if r["type"] != "brushlabels"], \
+            [(r["id"], r["type"], sorted(r["value"])) for r in ann.result]
         stored = sorted((result_mask(r) for r in brushes), key=lambda m: -iou(m, obj))
         assert iou(stored[0], obj) >= MASK_IOU and iou(stored[1], obj2) >= MASK_IOU
         assert all(r["value"]["brushlabels"] == [label] for r in brushes)
