@@ -179,3 +179,20 @@ def test_region_details_show_routing_weights_only_for_a_trained_plugin():
                                              plugin_version=v)["meta"]["text"][0] for v in ("init", "v0003")}
     assert "plain SAM (untrained plugin)" in text["init"] and "DRP" not in text["init"]
     assert "DRP routing deformed 0.30 / regular 0.70" in text["v0003"]
+
+
+def test_corrective_click_benchmark_prints_its_figures(monkeypatch, capsys):
+    """scripts/bench_corrective_clicks.py (the README's figures) on one held-out scene."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_corrective_clicks.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--scenes", "1", "--clicks", "3", "--json"])
+    runpy.run_path(str(script), run_name="__main__")
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["objects"] >= 1 and last["clicks"] == 3
+    assert len(last["miou_with"]) == len(last["miou_without"]) == 3
+    assert last["miou_with"][0] == last["miou_without"][0]  # the first click has no previous mask
+    assert all(0.0 <= v <= 100.0 for v in last["miou_with"] + last["miou_without"])
