@@ -103,3 +103,12 @@ def test_failure_profile_script_json_contract(tmp_path):
     bad = subprocess.run(cmd[:2] + ["--dataset", "regions:nowhere"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)
     assert bad.returncode == 2 and "regions split" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_touching_object_only_picks_from_objects_actually_drawn():
+    # Scene 338 of this seed draws an empty shape before a touching one: indexing the touched
+    # object by the loop counter ran past the list (the crash that stopped a training run).
+    from stable_sam.data.regions import REGIONS_TRAIN_SEED
+
+    scene = RegionScenes(seed=REGIONS_TRAIN_SEED + 1)[338]
+    assert scene.masks and len(scene.targets) >= len(scene.masks)

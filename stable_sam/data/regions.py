@@ -257,9 +257,9 @@ class RegionScenes:
         for i in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
             family = self.families[int(rng.integers(len(self.families)))]
             r = rng.uniform(0.08, 0.26) * side
-            touch = i > 0 and rng.random() < self.touching
+            touch = bool(objects) and rng.random() < self.touching
             if touch:
-                j = int(rng.integers(i))
+                j = int(rng.integers(len(objects)))
                 ys, xs = np.nonzero(objects[j]) if objects[j].any() else (np.array([h // 2]), np.array([w // 2]))
                 k = int(rng.integers(len(xs)))
                 # Centre one radius out from a pixel of object j, towards outside its centroid.
