@@ -4,7 +4,7 @@ A real Label Studio 1.23.2 and our backend under gunicorn (as in test_backend_e2
 Playwright through Debian's ``chromium`` (``make test`` installs it; ``playwright install`` is
 never used: it downloads a browser build). For each shipped label config, in its own project:
 
-log in, open a task, switch Auto-Annotation on, pick the smart keypoint tool (Auto-Detect, ``M``),
+log in, open a task, switch Auto-Annotation on, press ``M`` (Auto-Detect: the smart keypoint),
 press the keypoint label's hotkey and click an object; check the suggested mask; press the hotkey
 again and Alt-click the background next to the object (a negative point: the mask must keep the
 object and drop that point); accept the suggestion; check the brush region in the outliner and
@@ -149,13 +149,16 @@ class Annotator:
         # hotkeys go nowhere while the toggle (an input) has the focus: click an empty spot first
         self.page.mouse.click(5, VIEWPORT["height"] // 2)
 
+    def active_tools(self) -> List[str]:
+        return [e.get_attribute("aria-label") for e in self.page.locator(".lsf-tool_active").all()]
+
     def smart_tool(self, name: str) -> None:
         """Pick a smart tool in the Auto-Detect flyout: 'key-point-tool' or 'rectangle-tool'."""
         pg = self.page
         pg.locator("button.lsf-tool_smart:not([aria-label])").hover()
         pg.locator(f'.lsf-toolbar__smart button[aria-label="{name}"]').click()
         self.focus_canvas_area()
-        assert name in [e.get_attribute("aria-label") for e in pg.locator(".lsf-tool_active").all()]
+        assert name in self.active_tools()
 
     def label_hotkey(self, control_index: int, label: str) -> str:
         """The hotkey Label Studio shows next to ``label`` in the ``control_index``-th labels row."""
@@ -294,7 +297,9 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
         t_open = time.perf_counter()
         who.open_task(project.id, tasks[0])
         who.auto_annotation_on()
-        who.smart_tool("key-point-tool")
+        page.keyboard.press("m")  # Auto-Detect: the first smart tool, the keypoint (no smart brush)
+        page.wait_for_timeout(150)
+        assert "key-point-tool" in who.active_tools(), who.active_tools()
         kp_key = who.label_hotkey(1, label)
         rect_key = who.label_hotkey(2, label)
         clean = who.canvas("0-task-opened")
