@@ -195,9 +195,10 @@ class Annotator:
     def to_canvas(self, mask: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
         return _on_screen(mask, shape, self.stage(), self.frame())
 
-    def _answer(self, act) -> Tuple[Dict, float]:
+    def _answer(self, act, suggestion: bool = True) -> Tuple[Dict, float]:
         """Run ``act`` (a click or drag) and return Label Studio's interactive answer and the
-        seconds from the act to the browser having it."""
+        seconds from the act to the browser having it; ``suggestion``: wait for it to be offered
+        (not with Auto-Accept Suggestions on)."""
         with self.page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=120_000) as info:
             t0 = time.perf_counter()
             act()
@@ -205,10 +206,11 @@ class Annotator:
         elapsed = time.perf_counter() - t0
         assert info.value.status == 200, body
         assert "errors" not in body and "data" in body, body
-        self.page.get_by_test_id("bottombar-accept-suggestions-button").wait_for(timeout=30_000)
+        if suggestion:
+            self.page.get_by_test_id("bottombar-accept-suggestions-button").wait_for(timeout=30_000)
         return body["data"], elapsed
 
-    def click(self, x: float, y: float, negative: bool = False) -> Tuple[Dict, float]:
+    def click(self, x: float, y: float, negative: bool = False, suggestion: bool = True) -> Tuple[Dict, float]:
         sx, sy = self.at(x, y)
         pg = self.page
 
@@ -218,7 +220,7 @@ class Annotator:
             pg.mouse.click(sx, sy)
             if negative:
                 pg.keyboard.up("Alt")
-        return self._answer(act)
+        return self._answer(act, suggestion)
 
     def drag(self, box) -> Tuple[Dict, float]:
         a, b = self.at(box[0], box[1]), self.at(box[2], box[3])
@@ -394,8 +396,27 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
         who.auto_annotation_on()
         who.smart_tool("key-point-tool")
         who.press(kp_key)
-        answer, timings["first_click_next_task_s"] = who.click(*centroid(sc2.masks[0]))
+        answer, timings["first_click_next_task_s"] = who.click(*centroid(sc2.masks[0]), suggestion=True)
         assert iou(_mask(answer, label), sc2.masks[0]) >= MASK_IOU
+        who.accept()
+
+        # 7. Auto-Accept Suggestions: each mask is accepted as it arrives, so a click after it
+        # starts a new object (its request carries that click alone)
+        page.get_by_test_id("bottombar-auto-accept-toggle").click()
+        assert page.get_by_test_id("bottombar-auto-accept-toggle").is_checked()
+        who.focus_canvas_area()
+        who.press(kp_key)
+        answer, _ = who.click(*centroid(sc2.masks[1]), suggestion=False)
+        assert iou(_mask(answer, label), sc2.masks[1]) >= MASK_IOU
+        page.locator(".lsf-tree__node_type_brushregion").nth(1).wait_for(timeout=30_000)
+        assert page.locator(".lsf-tree__node_type_keypointregion").count() == 0
+        assert page.get_by_test_id("bottombar-accept-suggestions-button").count() == 0
+        who.press(kp_key)
+        x0, y0, x1, y1 = sc2.boxes[1]
+        with page.expect_request(lambda r: "interactive-annotating" in r.url) as req:
+            who.click(x1 + 6, (y0 + y1) / 2, negative=True, suggestion=False)
+        assert len(req.value.post_data_json["context"]["result"]) == 1  # a new object, not a correction
+        who.screen("7-auto-accept")
 
         # no task got a prediction stored from the no-context calls made when tasks were opened
         for t in tasks:
