@@ -455,7 +455,7 @@ class StableSamBackend:
             prompts_by_task = [result_regions(task) for task in tasks]
             if not any(results for results, _ in prompts_by_task):
                 for task, (_, reason) in zip(tasks, prompts_by_task):
-                    log.info("task %s: no prediction: %s", task.get("id"), reason)
+                    log.info("task %s: no prediction: %s", clip(task.get("id"), 40), reason)
                 self.metrics.count("batch_tasks_skipped_total", len(tasks))
                 if len(tasks) == 1:
                     self.prefetch(cfg, tasks[0])
@@ -501,7 +501,7 @@ class StableSamBackend:
         t = time.perf_counter()
         model = self.model  # the first task opened also loads the model, off the request
         self.images.load(url, task_id, on_loaded=lambda im: self._embed(model, im))
-        log.info("task %s: image prefetched and encoded in %.2f s", task_id, time.perf_counter() - t)
+        log.info("task %s: image prefetched and encoded in %.2f s", clip(task_id, 40), time.perf_counter() - t)
 
     # -- internals ---------------------------------------------------------------------------------
     @staticmethod

@@ -17,6 +17,7 @@ import queue
 import threading
 from typing import Callable, Hashable, Optional, Set, Tuple
 
+from .errors import clip
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Prefetcher:
                 self._count("done")
             except Exception as e:  # a bad image is the click's problem to report, not ours
                 self._count("failed")
-                log.info("prefetch %s failed: %s: %s", key, e.__class__.__name__, str(e)[:300])
+                log.info("prefetch %s failed: %s: %s", clip(key, 200), e.__class__.__name__, clip(str(e), 300))
             finally:
                 with self._lock:
                     self._waiting.discard(key)
