@@ -1,10 +1,16 @@
-"""``python -m backend``: start the backend with gunicorn (the same as ``make run``)."""
+"""``python -m backend`` / ``stable-sam-serve``: start the backend with gunicorn (the same as ``make run``)."""
 
 import os
 import sys
 from pathlib import Path
 
-root = Path(__file__).resolve().parents[1]
-os.chdir(root)
-conf = str(root / "backend" / "gunicorn.conf.py")
-os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", conf, "backend.wsgi:app"])
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1]
+    os.chdir(root)
+    conf = str(root / "backend" / "gunicorn.conf.py")
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", conf, "backend.wsgi:app"])
+
+
+if __name__ == "__main__":
+    main()

@@ -17,24 +17,21 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from PIL import Image
 
-from PIL import Image  # noqa: E402
+from backend.app import create_app
+from backend.model import StableSamBackend
+from backend.settings import BackendSettings
+from backend.regions import click_session, predict_regions, recommended_config
+from stable_sam.data.drawn import drawn_scene
+from stable_sam.build import build_from_settings
+from stable_sam.predictor import StableSamPredictor
 
-from backend.app import create_app  # noqa: E402
-from backend.model import StableSamBackend  # noqa: E402
-from backend.settings import BackendSettings  # noqa: E402
-from backend.regions import click_session, predict_regions  # noqa: E402
-from backend_helpers import RECOMMENDED_CONFIG, drawn_scene  # noqa: E402
-from stable_sam.build import build_from_settings  # noqa: E402
-from stable_sam.predictor import StableSamPredictor  # noqa: E402
+RECOMMENDED_CONFIG = recommended_config()
 
 
 def main() -> None:

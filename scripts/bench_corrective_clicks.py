@@ -25,25 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import cv2
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from label_studio_sdk.converter.brush import decode_rle  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from backend.model import StableSamBackend  # noqa: E402
-from backend.regions import keypoint, recommended_config  # noqa: E402
-from backend.settings import BackendSettings  # noqa: E402
-from stable_sam.build import build_from_settings  # noqa: E402
-from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes  # noqa: E402
-from stable_sam.metrics import mask_iou  # noqa: E402
+from backend.model import StableSamBackend
+from backend.regions import keypoint, recommended_config
+from backend.settings import BackendSettings
+from stable_sam.build import build_from_settings
+from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
+from stable_sam.metrics import mask_iou
 
 MIN_AREA = 150  # objects smaller than this (pixels) are skipped: one click covers them
 

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from stable_sam.benchmarking import compare_decoders, interactive_prompts, live_plugin, time_plugin_parts  # noqa: E402
-from stable_sam.build import build, build_sam, resolve_device  # noqa: E402
-from stable_sam.model import ImageEmbedding, StableSam  # noqa: E402
-from stable_sam.predictor import StableSamPredictor  # noqa: E402
+from stable_sam.benchmarking import compare_decoders, interactive_prompts, live_plugin, time_plugin_parts
+from stable_sam.build import build, build_sam, resolve_device
+from stable_sam.model import ImageEmbedding, StableSam
+from stable_sam.predictor import StableSamPredictor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
 

@@ -25,38 +25,15 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
-from typing import Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from stable_sam.benchmarking import generated_folder, preprocessed_inputs, time_job  # noqa: E402
-from stable_sam.benchmarking import time_encoder as bench_time_encoder  # noqa: E402
-from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device  # noqa: E402
-from stable_sam.model import StableSam  # noqa: E402
-from stable_sam.modeling.plugin import StableSamPlugin  # noqa: E402
-from stable_sam.preannotation import WorkList  # noqa: E402
-
-
-def add_folder_args(ap: argparse.ArgumentParser, images: int) -> None:
-    """The generated folder's options (``generated_work``), shared with ``bench_ray.py``."""
-    ap.add_argument("--images", type=int, default=images)
-    ap.add_argument("--format", choices=("png", "jpeg"), default="png")
-    ap.add_argument("--noise", type=float, default=0.2, help="box noise scale s of the rough boxes")
-    ap.add_argument("--max-boxes", type=int, default=100,
-                    help="boxes per image at most (default: one per object, 2-6); the decoder runs once per box")
-    ap.add_argument("--size", type=int, default=256, help="long side of the generated images")
-
-
-def generated_work(args: argparse.Namespace, prefix: str) -> Tuple[Path, WorkList, int]:
-    """A new temporary folder with the scenes ``args`` ask for: (the folder, its work list, the
-    number of boxes); the images are in ``<folder>/images``."""
-    g = generated_folder(args.images, args.format, args.noise, args.size, args.max_boxes, prefix)
-    return g.root, g.work, g.boxes
+from stable_sam.benchmarking import add_folder_args, generated_work, preprocessed_inputs, time_job
+from stable_sam.benchmarking import time_encoder as bench_time_encoder
+from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device
+from stable_sam.model import StableSam
+from stable_sam.modeling.plugin import StableSamPlugin
 
 
 def time_encoder(model, paths) -> float:

@@ -25,19 +25,14 @@ import functools
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import torch
 
-import torch  # noqa: E402
-
-from bench_preannotate import add_folder_args, generated_work, time_job  # noqa: E402
-from stable_sam.build import MODEL_TYPES, build  # noqa: E402
-from stable_sam.preannotation.ray_job import run_offline_ray  # noqa: E402
+from stable_sam.benchmarking import add_folder_args, generated_work, time_job
+from stable_sam.build import MODEL_TYPES, build
+from stable_sam.preannotation.ray_job import run_offline_ray
 
 
 def main() -> None:

@@ -19,18 +19,17 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stable_sam.build import MODEL_TYPES, build  # noqa: E402
-from stable_sam.checkpoint import load_plugin  # noqa: E402
-from stable_sam.data.dataset import DatasetError, open_dataset  # noqa: E402
-from stable_sam.download import CheckpointError  # noqa: E402
-from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, ProtocolConfig, evaluate,  # noqa: E402
+from stable_sam.build import MODEL_TYPES, build
+from stable_sam.checkpoint import load_plugin
+from stable_sam.data.dataset import DatasetError
+from stable_sam.data.sources import open_dataset
+from stable_sam.download import CheckpointError
+from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, ProtocolConfig, evaluate,
                                    side_by_side_table, targets_report, variants_table)
-from stable_sam.figures import comparison_figure  # noqa: E402
-from stable_sam.modeling.plugin import count_trainable  # noqa: E402
+from stable_sam.figures import comparison_figure
+from stable_sam.modeling.plugin import count_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLUGIN = ROOT / "checkpoints" / "plugin_sam_tiny_rts.pt"

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image, ImageDraw
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from stable_sam.build import build_from_settings  # noqa: E402
-from stable_sam.data.dataset import load_image  # noqa: E402
-from stable_sam.metrics import mask_iou  # noqa: E402
-from stable_sam.modeling.plugin import count_trainable  # noqa: E402
-from stable_sam.predictor import StableSamPredictor  # noqa: E402
+from stable_sam.build import build_from_settings
+from stable_sam.data.dataset import load_image
+from stable_sam.metrics import mask_iou
+from stable_sam.modeling.plugin import count_trainable
+from stable_sam.predictor import StableSamPredictor
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

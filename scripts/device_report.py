@@ -46,27 +46,26 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from stable_sam.benchmarking import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,  # noqa: E402
+from stable_sam.benchmarking import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
                                      random_model, sync, time_encoder, time_job, time_plugin_parts,
                                      time_pretrain_steps)
-from stable_sam.build import build, resolve_device  # noqa: E402
-from stable_sam.checkpoint import atomic_write_json  # noqa: E402
-from stable_sam.data.synthetic import SyntheticScenes  # noqa: E402
-from stable_sam.embedding_cache import EmbeddingCache  # noqa: E402
-from stable_sam.model import ImageEmbedding, StableSam  # noqa: E402
-from stable_sam.modeling.sam_tiny import build_sam_tiny  # noqa: E402
-from stable_sam.predictor import StableSamPredictor  # noqa: E402
-from stable_sam.pretrain import PretrainConfig  # noqa: E402
-from stable_sam.prompts import mask_to_box  # noqa: E402
-from stable_sam.rts import RTSConfig, train_plugin  # noqa: E402
-from stable_sam.settings import SAM_TINY_CHECKPOINT  # noqa: E402
+from stable_sam.build import build, resolve_device
+from stable_sam.checkpoint import atomic_write_json
+from stable_sam.data.synthetic import SyntheticScenes
+from stable_sam.embedding_cache import EmbeddingCache
+from stable_sam.model import ImageEmbedding, StableSam
+from stable_sam.modeling.sam_tiny import build_sam_tiny
+from stable_sam.predictor import StableSamPredictor
+from stable_sam.pretrain import PretrainConfig
+from stable_sam.prompts import mask_to_box
+from stable_sam.rts import RTSConfig, train_plugin
+from stable_sam.settings import SAM_TINY_CHECKPOINT
 
 EXAMPLE = ROOT / "examples" / "scene.png"
 PARTS = ("encoder", "decoder", "app_click", "preannotate", "rts", "train_small", "decoder_compiled")
@@ -637,6 +636,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.json:
         print(json.dumps(report))
     return report
+
+
+def console() -> None:
+    """The console script ``stable-sam-device-report`` (``main`` returns the report, not an exit status)."""
+    main()
 
 
 if __name__ == "__main__":

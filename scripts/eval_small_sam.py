@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from stable_sam.build import build  # noqa: E402
-from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes  # noqa: E402
-from stable_sam.metrics import binary_iou  # noqa: E402
-from stable_sam.predictor import StableSamPredictor  # noqa: E402
-from stable_sam.prompts import mask_to_box, sample_points  # noqa: E402
+from stable_sam.build import build
+from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
+from stable_sam.metrics import binary_iou
+from stable_sam.predictor import StableSamPredictor
+from stable_sam.prompts import mask_to_box, sample_points
 
 
 def main() -> None:

@@ -19,16 +19,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stable_sam.build import MODEL_TYPES, build  # noqa: E402
-from stable_sam.checkpoint import load_plugin  # noqa: E402
-from stable_sam.data.dataset import DatasetError, open_dataset  # noqa: E402
-from stable_sam.download import CheckpointError  # noqa: E402
-from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig  # noqa: E402
-from stable_sam.failure_profile import failure_profile, profile_table  # noqa: E402
+from stable_sam.build import MODEL_TYPES, build
+from stable_sam.checkpoint import load_plugin
+from stable_sam.data.dataset import DatasetError
+from stable_sam.data.sources import open_dataset
+from stable_sam.download import CheckpointError
+from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig
+from stable_sam.failure_profile import failure_profile, profile_table
 
 DEFAULT_DATASET = "regions:heldout"
 DEFAULT_IMAGES = 60

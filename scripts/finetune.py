@@ -27,17 +27,16 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError  # noqa: E402
-from stable_sam.build import MODEL_TYPES, build  # noqa: E402
-from stable_sam.data.dataset import DatasetError, json_kind, open_dataset  # noqa: E402
-from stable_sam.distributed import init_from_env  # noqa: E402
-from stable_sam.download import CheckpointError  # noqa: E402
-from stable_sam.modeling.plugin import PluginConfig  # noqa: E402
-from stable_sam.rts import RTSConfig, finetune  # noqa: E402
+from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError
+from stable_sam.build import MODEL_TYPES, build
+from stable_sam.data.dataset import DatasetError
+from stable_sam.data.sources import json_kind, open_dataset
+from stable_sam.distributed import init_from_env
+from stable_sam.download import CheckpointError
+from stable_sam.modeling.plugin import PluginConfig
+from stable_sam.rts import RTSConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 # Scenes of the training seed far beyond those the small SAM was pretrained on (0 .. 23,999).

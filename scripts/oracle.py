@@ -15,16 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stable_sam.build import build  # noqa: E402
-from stable_sam.data.dataset import DatasetError, open_dataset  # noqa: E402
-from stable_sam.download import CheckpointError  # noqa: E402
-from stable_sam.evaluation import PROMPT_TYPES, ProtocolConfig, evaluate, variants_table  # noqa: E402
-from stable_sam.oracle import attention_finetuned, attention_module, fit_plugin  # noqa: E402
-from stable_sam.rts import TRAINABLE_PARTS, RTSConfig  # noqa: E402
+from stable_sam.build import build
+from stable_sam.data.dataset import DatasetError
+from stable_sam.data.sources import open_dataset
+from stable_sam.download import CheckpointError
+from stable_sam.evaluation import PROMPT_TYPES, ProtocolConfig, evaluate, variants_table
+from stable_sam.oracle import attention_finetuned, attention_module, fit_plugin
+from stable_sam.rts import TRAINABLE_PARTS, RTSConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:

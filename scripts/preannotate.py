@@ -46,19 +46,16 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from backend.errors import BadInput  # noqa: E402
-from backend.settings import BackendSettings, SettingsError  # noqa: E402
-from stable_sam.build import MODEL_TYPES, build_from_settings  # noqa: E402
-from stable_sam.data.dataset import DatasetError  # noqa: E402
-from stable_sam.download import CheckpointError  # noqa: E402
-from stable_sam.preannotation import (AutoConfig, InputError, items_from_coco, items_from_csv,  # noqa: E402
+from backend.errors import BadInput
+from backend.settings import BackendSettings, SettingsError
+from stable_sam.build import MODEL_TYPES, build_from_settings
+from stable_sam.data.dataset import DatasetError
+from stable_sam.download import CheckpointError
+from stable_sam.preannotation import (AutoConfig, InputError, items_from_coco, items_from_csv,
                                       items_from_folder, run_offline)
-from stable_sam.settings import ModelSettings  # noqa: E402
+from stable_sam.settings import ModelSettings
 
 EXPECTED = (BadInput, SettingsError, CheckpointError, InputError, DatasetError)
 ENCODE_AHEAD = {"auto": None, "on": True, "off": False}  # --encode-ahead

@@ -33,17 +33,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
+import numpy as np
+import requests
+from PIL import Image
+
+from backend.regions import centroid, keypoint, loosen, recommended_config, rectangle
+from stable_sam.data.drawn import drawn_scene
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from backend.regions import centroid, keypoint, loosen, rectangle  # noqa: E402
-from backend_helpers import RECOMMENDED_CONFIG, drawn_scene  # noqa: E402
-
+RECOMMENDED_CONFIG = recommended_config()
 MAX_THREADS, MAX_REQUESTS, MAX_SECONDS = 32, 1000, 1800  # the soak's own bounds
 
 
@@ -223,7 +221,7 @@ def main() -> None:
         raise SystemExit(f"bounds: 1..{MAX_THREADS} threads, 1..{MAX_REQUESTS} requests each, "
                          f"time limit up to {MAX_SECONDS} s")
 
-    from ls_server import start_backend  # the tests' helper: gunicorn on 127.0.0.1, a free port
+    from backend.local_server import start_backend  # gunicorn on 127.0.0.1, a free port
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     media = work / "media"

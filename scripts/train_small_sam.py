@@ -12,13 +12,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stable_sam.build import resolve_device  # noqa: E402
-from stable_sam.modeling.sam_tiny import SAM_TINY_PATCH_SIZE, build_sam_tiny  # noqa: E402
-from stable_sam.pretrain import PretrainConfig, pretrain_sam, refine_patch_grid  # noqa: E402
+from stable_sam.build import resolve_device
+from stable_sam.modeling.sam_tiny import SAM_TINY_PATCH_SIZE, build_sam_tiny
+from stable_sam.pretrain import PretrainConfig, pretrain_sam, refine_patch_grid
 
 
 def main() -> None:

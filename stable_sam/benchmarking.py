@@ -7,6 +7,7 @@ images. CUDA work is synchronised before every clock read, so GPU figures are wh
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -226,6 +227,24 @@ def generated_folder(images: int, fmt: str = "png", noise: float = 0.2, size: in
     folder.mkdir()
     boxes = make_folder(folder, images, fmt, noise, size, max_boxes)
     return GeneratedFolder(root, items_from_coco(folder / "boxes.json", folder), boxes)
+
+
+def add_folder_args(ap: argparse.ArgumentParser, images: int) -> None:
+    """The generated folder's options (``generated_work``), shared by ``scripts/bench_preannotate.py``
+    and ``scripts/bench_ray.py``."""
+    ap.add_argument("--images", type=int, default=images)
+    ap.add_argument("--format", choices=("png", "jpeg"), default="png")
+    ap.add_argument("--noise", type=float, default=0.2, help="box noise scale s of the rough boxes")
+    ap.add_argument("--max-boxes", type=int, default=100,
+                    help="boxes per image at most (default: one per object, 2-6); the decoder runs once per box")
+    ap.add_argument("--size", type=int, default=256, help="long side of the generated images")
+
+
+def generated_work(args: argparse.Namespace, prefix: str) -> Tuple[Path, WorkList, int]:
+    """A new temporary folder with the scenes ``args`` ask for: (the folder, its work list, the
+    number of boxes); the images are in ``<folder>/images``."""
+    g = generated_folder(args.images, args.format, args.noise, args.size, args.max_boxes, prefix)
+    return g.root, g.work, g.boxes
 
 
 def preprocessed_inputs(model: StableSam, paths: Sequence[Path]) -> List[torch.Tensor]:

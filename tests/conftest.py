@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stable_sam.build import build  # noqa: E402
-from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes  # noqa: E402
-from stable_sam.model import StableSam  # noqa: E402
+from stable_sam.build import build
+from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
+from stable_sam.model import StableSam
 
 
 @pytest.fixture(scope="session")

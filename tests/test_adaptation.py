@@ -357,7 +357,6 @@ def test_settings_and_project_ids(monkeypatch):
 
 FAKE_JOB = textwrap.dedent("""
     import os, signal, sys, time
-    sys.path.insert(0, {root!r})
     from backend.training import Cancelled, Reporter, job_status_path, utc_now
     job_id, seconds = sys.argv[1], float(sys.argv[2])
     r = Reporter(job_status_path(os.environ["MODEL_DIR"], job_id), echo=lambda s: None)
@@ -373,8 +372,7 @@ FAKE_JOB = textwrap.dedent("""
 
 
 def _fake(seconds: float):
-    code = FAKE_JOB.format(root=str(ROOT))
-    return lambda project, job_id: [sys.executable, "-c", code, job_id, str(seconds)]
+    return lambda project, job_id: [sys.executable, "-c", FAKE_JOB, job_id, str(seconds)]
 
 
 def _wait(predicate, timeout=30.0):

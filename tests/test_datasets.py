@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from stable_sam.data.coco import CocoDataset
-from stable_sam.data.dataset import DatasetError, open_dataset
+from stable_sam.data.dataset import DatasetError
+from stable_sam.data.sources import open_dataset
 from stable_sam.data.folder import FolderDataset
 from stable_sam.data.label_studio_export import LabelStudioExport
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes

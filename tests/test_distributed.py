@@ -8,23 +8,20 @@ the counts in the summary are the whole data set's.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 5  # odd: the last step has an image for rank 0 only, rank 1 still joins the all-reduce
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    sys.path.insert(0, str(ROOT))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from stable_sam.build import build
-    from stable_sam.data.dataset import open_dataset
+    from stable_sam.data.sources import open_dataset
     from stable_sam.distributed import init_from_env
     from stable_sam.modeling.plugin import StableSamPlugin
     from stable_sam.rts import RTSConfig, finetune

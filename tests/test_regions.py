@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stable_sam.data.dataset import open_dataset
+from stable_sam.data.sources import open_dataset
 from stable_sam.data.regions import (ALL_FAMILIES, GROUP, OBJECT, PART, STUFF, TRAIN_FAMILIES, UNSEEN_FAMILIES,
                                      RegionScenes, draw_family)
 from stable_sam.data.synthetic_split import world_scenes

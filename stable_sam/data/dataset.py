@@ -3,16 +3,16 @@
 A sample is an RGB image and the masks of its annotated objects, all at the image's size and all
 non-empty. Loaders check that on the way in and raise ``DatasetError`` naming the file at fault,
 so training and benchmarks never meet a mismatched or empty mask halfway through a run.
-``open_dataset(spec)`` picks the loader from a path (folder, COCO JSON, Label Studio JSON export)
-or a ``synthetic:<split>`` spec.
+``stable_sam.data.sources.open_dataset(spec)`` picks the loader from a path (folder, COCO JSON,
+Label Studio JSON export) or a ``synthetic:<split>`` spec (the loaders import this module, never
+the other way).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -88,59 +88,6 @@ def check_sample(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence
                                f"but the image is {w} x {h}")
         if not m.any():
             raise DatasetError(f"{where}: mask {name} is empty")
-
-
-def json_kind(path: Path) -> str:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path} is not readable JSON: {e}") from e
-    if isinstance(data, dict) and "images" in data and "annotations" in data:
-        return "coco"
-    if isinstance(data, list):
-        return "label_studio"
-    raise DatasetError(f"{path}: neither a COCO instance file (dict with 'images' and 'annotations') "
-                       f"nor a Label Studio JSON export (a list of tasks)")
-
-
-def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
-                 masks_dir: Optional[Path] = None, limit: Optional[int] = None,
-                 start: int = 0) -> SegmentationDataset:
-    """The dataset a CLI argument names.
-
-    - ``synthetic:heldout`` / ``synthetic:train`` / ``synthetic:<seed>``: generated scenes of the
-      objects-only world, ``regions:heldout`` / ``regions:train`` / ``regions:unseen`` (held-out
-      shape families) / ``regions:<seed>``: of the region world (``start`` and ``limit`` pick the
-      indices; ``limit`` is required, the generators are endless);
-    - a folder: images with per-object mask PNGs (``FolderDataset``; ``masks_dir`` optional);
-    - a ``.json`` file: COCO instances or a Label Studio export, told apart by content; image
-      paths resolve against ``image_root`` (default: the JSON file's folder).
-    """
-    from .coco import CocoDataset
-    from .folder import FolderDataset
-    from .label_studio_export import LabelStudioExport
-    from .synthetic_split import WORLDS, SyntheticSplit, parse_synthetic_seed
-
-    text = str(spec)
-    world, _, split = text.partition(":")
-    if split and world in WORLDS:
-        if limit is None:
-            raise DatasetError("a synthetic dataset needs a number of images (limit)")
-        return SyntheticSplit(parse_synthetic_seed(split, world), start=start, count=limit, world=world,
-                              unseen=split == "unseen")
-    path = Path(spec)
-    if path.is_dir():
-        ds: SegmentationDataset = FolderDataset(path, masks_dir=masks_dir)
-    elif path.is_file() and path.suffix.lower() == ".json":
-        root = image_root if image_root is not None else path.parent
-        ds = CocoDataset(path, root) if json_kind(path) == "coco" else LabelStudioExport(path, root)
-    elif not path.exists():
-        raise DatasetError(f"dataset not found: {path} (a folder, a .json file or synthetic:heldout)")
-    else:
-        raise DatasetError(f"{path}: expected a folder or a .json annotation file")
-    if start or limit is not None:
-        ds = Subset(ds, range(start, min(len(ds), start + limit) if limit is not None else len(ds)))
-    return ds
 
 
 class Subset(SegmentationDataset):

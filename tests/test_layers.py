@@ -1,0 +1,141 @@
+"""One-way layers: ``scripts -> backend -> stable_sam``, read from the source (ast, nothing imported).
+
+- no import cycles among stable_sam's modules (imports inside functions count too: a lazy import
+  that closes a cycle is still a cycle);
+- stable_sam never imports backend, scripts (``stable_sam_cli``) or tests;
+- backend never imports scripts or tests; a script never imports tests or another script.
+
+backend's own modules are not yet checked for cycles: jobs.py -> training.py -> model.py -> jobs.py
+is one (issue 14, the backend/model.py split).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"stable_sam": ROOT / "stable_sam", "backend": ROOT / "backend", "stable_sam_cli": ROOT / "scripts"}
+
+
+def module_name(package: str, path: Path) -> str:
+    parts = list(path.relative_to(PACKAGES[package]).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([package, *parts])
+
+
+def modules() -> Dict[str, Path]:
+    return {module_name(pkg, p): p for pkg, root in PACKAGES.items() for p in sorted(root.rglob("*.py"))}
+
+
+def imported(name: str, path: Path, known: Set[str]) -> Set[str]:
+    """The modules (of ``known``, else their top-level names) that ``path`` imports anywhere."""
+    is_package = path.name == "__init__.py"
+    out: Set[str] = set()
+
+    def add(target: str) -> None:
+        # the longest known module that the dotted name is, or lies in
+        parts = target.split(".")
+        for i in range(len(parts), 0, -1):
+            candidate = ".".join(parts[:i])
+            if candidate in known:
+                out.add(candidate)
+                return
+        out.add(parts[0])
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                base = base if is_package else base[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            for alias in node.names:
+                full = f"{prefix}.{alias.name}"
+                add(full if full in known else prefix)
+    out.discard(name)
+    return out
+
+
+def graph() -> Dict[str, Set[str]]:
+    known = modules()
+    return {name: imported(name, path, set(known)) for name, path in known.items()}
+
+
+def cycles(edges: Dict[str, Set[str]], within: str) -> List[List[str]]:
+    """Strongly connected components of more than one module (Tarjan) among ``within``'s modules."""
+    nodes = sorted(n for n in edges if n == within or n.startswith(within + "."))
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    found: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v] & set(nodes)):
+            # a package's __init__ re-exporting its own submodules is not a cycle through them
+            if v == w.rsplit(".", 1)[0]:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in nodes:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def layer(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_no_import_cycles_in_stable_sam():
+    assert cycles(graph(), "stable_sam") == []
+
+
+def test_layers_point_one_way():
+    forbidden = {"stable_sam": {"backend", "stable_sam_cli", "scripts", "tests"},
+                 "backend": {"stable_sam_cli", "scripts", "tests"},
+                 "stable_sam_cli": {"scripts", "tests", "backend_helpers", "ls_server", "conftest"}}
+    script_names = {p.stem for p in PACKAGES["stable_sam_cli"].glob("*.py")}  # `import bench_x` from scripts/
+    wrong = []
+    for name, targets in graph().items():
+        for target in targets:
+            if layer(target) in forbidden[layer(name)]:
+                wrong.append(f"{name} -> {target}")
+            elif layer(name) == "stable_sam_cli" and (target in script_names or (
+                    layer(target) == "stable_sam_cli" and target != "stable_sam_cli")):
+                wrong.append(f"{name} -> {target} (a script imports another script)")
+    assert wrong == []
+
+
+def test_the_check_sees_imports():
+    """The graph is not empty by mistake: known edges, a lazy import and a relative one are there."""
+    g = graph()
+    assert "stable_sam.model" in g["stable_sam.predictor"]
+    assert "backend.training" in g["stable_sam_cli.finetune"]  # imported inside a function
+    assert "stable_sam.data.dataset" in g["stable_sam.data.coco"]
+    assert cycles({"a.x": {"a.y"}, "a.y": {"a.x"}, "a": set()}, "a") == [["a.x", "a.y"]]
