@@ -18,8 +18,8 @@ BASE = {"model_type": "sam_tiny", "model_id": "sam_tiny-0123456789ab"}
 
 
 def _trained_plugin(config: PluginConfig) -> StableSamPlugin:
-    plugin = StableSamPlugin(config)
     torch.manual_seed(0)
+    plugin = StableSamPlugin(config)
     with torch.no_grad():
         for p in plugin.parameters():
             p.add_(0.01 * torch.randn_like(p))

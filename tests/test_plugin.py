@@ -57,8 +57,8 @@ def test_untrained_plugin_is_an_exact_no_op(tiny_model, heldout, config):
 
 def test_trained_plugin_changes_masks_and_routes_per_prompt(tiny_model, heldout):
     emb, points, boxes = _decoder_inputs(tiny_model, heldout[3], np.random.default_rng(0))
+    torch.manual_seed(0)  # before the plugin is built: its router starts random
     plugin = StableSamPlugin()
-    torch.manual_seed(0)
     with torch.no_grad():
         plugin.dsp.offset.weight.normal_(0, 0.5)
         plugin.dsp.proj.weight.add_(0.1 * torch.randn_like(plugin.dsp.proj.weight))
@@ -127,6 +127,7 @@ def test_bilinear_sample_matches_grid_sample(hw):
 def test_routing_is_per_thread(tiny_model, heldout):
     """Plain-SAM and plugin calls interleaved from many threads give the single-thread results."""
     emb, points, boxes = _decoder_inputs(tiny_model, heldout[3], np.random.default_rng(0))
+    torch.manual_seed(0)
     plugin = StableSamPlugin()
     with torch.no_grad():
         plugin.dsp.offset.weight.normal_(0, 0.05)

@@ -27,12 +27,11 @@ from stable_sam.preannotation import (AutoConfig, InputError, annotate_image, au
 from stable_sam.preannotation.journal import Journal
 from stable_sam.preannotation.offline import journal_path
 from stable_sam.preannotation.readahead import ReadAhead
+from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module, restored after
 
 ROOT = Path(__file__).resolve().parents[1]
 # The small SAM on the drawn scenes measures box IoU 0.91-0.95 (see test_backend_e2e.py).
 BOX_IOU = 0.8
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

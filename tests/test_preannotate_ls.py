@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import requests
-import torch
 
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen, rectangle, result_mask
 from backend.label_studio import LabelStudioUnavailable, connect
@@ -25,10 +24,9 @@ from backend.settings import BackendSettings
 from ls_server import LEGACY_TOKEN, ROOT, free_port, import_images, require_label_studio, start_label_studio
 from stable_sam.embedding_cache import EmbeddingCache
 from stable_sam.preannotation import AutoConfig
+from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module, restored after
 
 BOX_IOU = 0.8  # the small SAM measures 0.91-0.95 on these rough rectangles (test_backend_e2e.py)
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

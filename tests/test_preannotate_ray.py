@@ -17,7 +17,6 @@ from typing import List
 
 import pytest
 import ray
-import torch
 
 from backend_helpers import drawn_scene
 from stable_sam.build import build
@@ -26,13 +25,12 @@ from stable_sam.preannotation.offline import journal_path
 from stable_sam.preannotation.ray_job import (ACTOR_NAME, RayUnavailable, ShardPool, _check_reachable, run_offline_ray,
                                              start_workers, stop_workers)
 from test_preannotate import write_coco_input
+from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module (as each CPU worker: the reference is computed with the same thread count), restored after
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "preannotate.py"
 FACTORY = functools.partial(build, "sam_tiny")  # what each Ray worker loads: the committed small SAM
 N_IMAGES = 16
-
-torch.set_num_threads(1)  # as each CPU worker: the reference is computed with the same thread count
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from backend.settings import BackendSettings
 from ls_server import LEGACY_TOKEN, ROOT, free_port, import_images
 from stable_sam.preannotation.ray_job import start_workers, stop_workers
 from test_preannotate_ls import BOX_IOU, _ours as ours, ls  # noqa: F401 (ls: the module's Label Studio fixture)
+from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module, restored after
 
 SCRIPT = ROOT / "scripts" / "preannotate.py"
 
