@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,31 @@ def test_oracle_fine_tunes_sams_attention_and_puts_it_back(tiny_model):
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())   # SAM restored
     plugin, _ = fit_plugin(tiny_model, ds, cfg)
     assert not plugin.training and plugin.dsp.offset.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("warmup, total, scale", [(5, 40, 1.0), (5, 40, 0.3), (1, 7, 1.0), (0, 9, 2.0), (3, 200, 1.0)])
+def test_lr_schedule_warms_up_then_follows_a_cosine_on_each_groups_own_lr(warmup, total, scale):
+    """The rate of every step, every group: (k + 1) / warmup of the group's lr during the warm-up,
+    then a cosine down to ``min_lr_ratio`` of the group's own lr at ``total`` steps.
+
+    torch's LinearLR + CosineAnnealingLR in a SequentialLR were tried in its place and give other
+    rates: one absolute eta_min for all groups (the offset group at ``offset_lr_scale`` x lr ends
+    at the other group's floor: 3.3 x its own with scale 0.3), and with one group
+    they agree only to about 1e-14 (CosineAnnealingLR's recursive update), not exactly.
+    """
+    from stable_sam.rts import lr_scheduler
+
+    cfg = RTSConfig(warmup_steps=warmup, lr=3e-3, min_lr_ratio=0.1, offset_lr_scale=scale)
+    base = [cfg.lr, cfg.lr * scale]
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in base])
+    sched = lr_scheduler(opt, total, cfg)
+    for k in range(total):
+        if k < warmup:
+            factor = (k + 1) / warmup
+        else:
+            t = (k - warmup) / max(1, total - warmup)
+            factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+        for group, lr in zip(opt.param_groups, base):
+            assert group["lr"] == pytest.approx(lr * factor, rel=1e-12, abs=0), (k, lr)
+        opt.step()
+        sched.step()
