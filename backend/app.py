@@ -180,6 +180,9 @@ def create_app(settings: Optional[BackendSettings] = None, backend: Optional[Sta
                 "model_version": version}
         if backend.version_error:
             body["model_error"] = backend.version_error
+        notice = backend.settings.plain_sam_notice()
+        if notice:
+            body["plugin"] = notice
         return jsonify(body)
 
     app.add_url_rule("/health", "health", _health, methods=["GET"])

@@ -177,7 +177,7 @@ class StableSamBackend:
         sam = str(s.sam_checkpoint) if s.sam_checkpoint else (
             "checkpoints/sam_tiny.pt (the small SAM; set SAM_MODEL_TYPE/SAM_CHECKPOINT for a real SAM)"
             if s.sam_model_type == "sam_tiny" else f"the official {s.sam_model_type} weights in {s.model_dir}")
-        plugin = str(s.plugin_checkpoint) if s.plugin_checkpoint else "none (untrained no-op plugin: plain SAM masks)"
+        plugin = str(s.plugin_path) if s.plugin_path else f"none ({s.plain_sam_notice()})"
         return f"SAM {s.sam_model_type} from {sam}; plugin {plugin}; device {s.device}"
 
     def _compute_version(self) -> None:
@@ -192,8 +192,7 @@ class StableSamBackend:
                     base = f"{s.sam_model_type}-{OFFICIAL_CHECKPOINTS[s.sam_model_type].sha256[:12]}"
                 else:
                     raise
-            plugin = load_plugin(s.plugin_checkpoint, model_type=s.sam_model_type).version \
-                if s.plugin_checkpoint else "init"
+            plugin = load_plugin(s.plugin_path, model_type=s.sam_model_type).version if s.plugin_path else "init"
             self._set_base(base, plugin, s.sam_model_type)
         except Exception as e:  # reported by /setup and /health; predict reports the load error
             self._version_error = f"{e.__class__.__name__}: {e}"

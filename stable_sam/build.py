@@ -110,6 +110,6 @@ def build_from_settings(settings: Optional[ModelSettings] = None, **overrides) -
     s = settings or ModelSettings.from_env()
     cache = EmbeddingCache(s.embedding_cache_mb, s.model_dir / "embeddings" if s.embedding_disk_cache else None)
     kwargs = dict(model_type=s.sam_model_type, sam_checkpoint=s.sam_checkpoint,
-                  plugin_checkpoint=s.plugin_checkpoint, device=s.device, model_dir=s.model_dir, cache=cache)
+                  plugin_checkpoint=s.plugin_path, device=s.device, model_dir=s.model_dir, cache=cache)
     kwargs.update(overrides)
     return build(**kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
@@ -622,3 +623,28 @@ def test_local_storage_urls_resolve_under_the_root(client, media_dir, scenes):
         (r,) = predict_ok(client, body(url, region))["result"]
         assert iou(result_mask(r), sc.masks[0]) >= BOX_IOU
     _bad(client, body("/data/local-files/?d=../../etc/passwd", region), words=["outside LOCAL_FILES_DOCUMENT_ROOT"])
+
+
+def test_the_shipped_plugin_serves_by_default_and_plain_sam_says_so(monkeypatch, settings):
+    from stable_sam.settings import SAM_TINY_PLUGIN, ModelSettings
+
+    for name in ("PLUGIN_CHECKPOINT", "SAM_MODEL_TYPE", "SAM_CHECKPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    shipped = ModelSettings.from_env()
+    assert shipped.plugin_path == SAM_TINY_PLUGIN and SAM_TINY_PLUGIN.is_file()
+    assert shipped.plain_sam_notice() is None
+    monkeypatch.setenv("PLUGIN_CHECKPOINT", "none")
+    assert ModelSettings.from_env().plugin_path is None
+    monkeypatch.setenv("PLUGIN_CHECKPOINT", "/somewhere/p.pt")
+    assert ModelSettings.from_env().plugin_path == Path("/somewhere/p.pt")
+    monkeypatch.delenv("PLUGIN_CHECKPOINT")
+    monkeypatch.setenv("SAM_MODEL_TYPE", "vit_h")          # no plugin ships for a real SAM
+    real = ModelSettings.from_env()
+    assert real.plugin_path is None
+    notice = real.plain_sam_notice()
+    assert notice.startswith("plain SAM masks") and "scripts/finetune.py --model-type vit_h" in notice
+    # /health says it, and so does the first log line's description (no model load for either)
+    backend = StableSamBackend(BackendSettings(**{**settings.__dict__, "sam_model_type": "vit_h"}),
+                               model_factory=lambda: None)
+    assert create_app(backend=backend).test_client().get("/health").get_json()["plugin"] == notice
+    assert notice in backend.describe_model()
