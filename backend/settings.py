@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-from stable_sam.settings import ModelSettings
+from stable_sam.settings import NO_PLUGIN, ModelSettings
 
 
 class SettingsError(ValueError):
@@ -214,12 +214,15 @@ class BackendSettings(ModelSettings):
         job is started with them, so it uses the server's model, store and Label Studio)."""
         out = {}
         for f in fields(self):
+            if f.name == "shipped_plugin":  # PLUGIN_CHECKPOINT below names the plugin that serves
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 value = "1" if value else "0"
             elif isinstance(value, tuple):
                 value = ",".join(value)
             out[ENV_NAMES.get(f.name, f.name.upper())] = "" if value is None else str(value)
+        out["PLUGIN_CHECKPOINT"] = str(self.plugin_path) if self.plugin_path else NO_PLUGIN
         return out
 
     @property

@@ -648,3 +648,16 @@ def test_the_shipped_plugin_serves_by_default_and_plain_sam_says_so(monkeypatch,
                                model_factory=lambda: None)
     assert create_app(backend=backend).test_client().get("/health").get_json()["plugin"] == notice
     assert notice in backend.describe_model()
+
+
+def test_a_training_job_gets_the_plugin_the_server_serves(monkeypatch, settings):
+    # to_env hands a job the server's settings: the job must start from the same plugin, whether
+    # the server has none, the shipped one or a file
+    from stable_sam.settings import SAM_TINY_PLUGIN
+
+    for server in (settings, BackendSettings(**{**settings.__dict__, "shipped_plugin": True}),
+                   BackendSettings(**{**settings.__dict__, "plugin_checkpoint": Path("/x/p.pt")})):
+        for name, value in server.to_env().items():
+            monkeypatch.setenv(name, value)
+        assert BackendSettings.from_env().plugin_path == server.plugin_path
+    assert BackendSettings(**{**settings.__dict__, "shipped_plugin": True}).plugin_path == SAM_TINY_PLUGIN
