@@ -13,7 +13,10 @@ under the box" and barely failed on casual prompts. Here a scene has:
   background under them, textured differently);
 - **parts**: two-tone objects (split by a line) and composites (a body with attached parts of
   other colours);
-- **groups**: objects placed touching or overlapping an earlier one, some in the same colour.
+- **groups**: objects placed touching or overlapping an earlier one, some in the same colour;
+- **containers**: objects lying on a larger region of another colour (a plate, a sign, a patch of
+  ground), 1.35-1.9 times their size; the container with the object on it is a target, as a whole
+  object with its parts is in SA-1B. A loose box around the object fits the container well.
 
 ``Scene.masks`` are the whole objects (what the benchmark evaluates, as the HQ datasets annotate
 whole objects); ``Scene.targets`` are every region above (what pretraining samples, as SAM's
@@ -40,7 +43,8 @@ TRAIN_FAMILIES = ("ellipse", "polygon", "star", "rectangle", "ring", "stroke", "
 UNSEEN_FAMILIES = ("spiral", "comb", "hourglass")
 ALL_FAMILIES = TRAIN_FAMILIES + UNSEEN_FAMILIES
 
-STUFF, OBJECT, PART, GROUP = "stuff", "object", "part", "group"
+STUFF, OBJECT, PART, GROUP, CONTAINER = "stuff", "object", "part", "group", "container"
+CONTAINER_FAMILIES = ("ellipse", "rectangle", "polygon", "blob")
 
 
 def _canvas(h: int, w: int) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -220,13 +224,14 @@ class RegionScenes:
     ``size`` px on the long side (a share landscape or portrait); ``families``: the shape families
     objects are drawn from; ``camouflage``: the share of objects coloured like the background under
     them (+ N(0, 22) per channel); ``touching``: the share placed touching or overlapping an
-    earlier object; ``same_colour``: the share of those in that object's colour (+ N(0, 6)).
+    earlier object; ``same_colour``: the share of those in that object's colour (+ N(0, 6));
+    ``contained``: the share of the other objects drawn on a container.
     """
 
     def __init__(self, seed: int = REGIONS_TRAIN_SEED, size: int = 256, min_objects: int = 2,
                  max_objects: int = 6, min_area: int = 80, families: Sequence[str] = TRAIN_FAMILIES,
                  camouflage: float = 0.2, touching: float = 0.5, same_colour: float = 0.2,
-                 length: int = 1_000_000) -> None:
+                 contained: float = 0.4, length: int = 1_000_000) -> None:
         unknown = set(families) - set(ALL_FAMILIES)
         if unknown:
             raise ValueError(f"unknown shape families {sorted(unknown)}; expected some of {ALL_FAMILIES}")
@@ -234,6 +239,7 @@ class RegionScenes:
         self.min_objects, self.max_objects, self.min_area = min_objects, max_objects, min_area
         self.families = tuple(families)
         self.camouflage, self.touching, self.same_colour = camouflage, touching, same_colour
+        self.contained = contained
         self.length = length
 
     def __len__(self) -> int:
@@ -254,6 +260,7 @@ class RegionScenes:
         families: List[str] = []
         group: List[int] = []
         colours: List[np.ndarray] = []
+        containers: List[np.ndarray] = []  # each with the object on it
         for i in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
             family = self.families[int(rng.integers(len(self.families)))]
             r = rng.uniform(0.08, 0.26) * side
@@ -268,6 +275,14 @@ class RegionScenes:
                 cx, cy = float(np.clip(cx, 0, w - 1)), float(np.clip(cy, 0, h - 1))
             else:
                 cx, cy = rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6)
+            container = None
+            if not touch and rng.random() < self.contained:
+                rc = r * rng.uniform(1.35, 1.9)
+                ox, oy = rng.uniform(-0.15, 0.15, 2) * rc
+                family_c = CONTAINER_FAMILIES[int(rng.integers(len(CONTAINER_FAMILIES)))]
+                container, _ = draw_family(rng, family_c, h, w, cx + ox, cy + oy, rc)
+                image = np.where(container[..., None],
+                                 _texture(rng, h, w, _random_color(rng), rng.uniform(0, 45)), image)
             mask, obj_parts = draw_family(rng, family, h, w, cx, cy, r)
             if not mask.any():
                 continue
@@ -280,9 +295,13 @@ class RegionScenes:
             image = np.where(mask[..., None], _texture(rng, h, w, colour, rng.uniform(0, 45)), image)
             for p in obj_parts[1:]:  # the first part keeps the object's colour
                 image = np.where(p[..., None], _texture(rng, h, w, _random_color(rng), rng.uniform(0, 30)), image)
-            # Later objects occlude earlier ones (and their parts).
-            objects = [m & ~mask for m in objects]
-            parts = [[p & ~mask for p in ps] for ps in parts]
+            # Later objects (and containers) occlude earlier ones, their parts and containers.
+            cover = mask if container is None else mask | container
+            objects = [m & ~cover for m in objects]
+            parts = [[p & ~cover for p in ps] for ps in parts]
+            containers = [c & ~cover for c in containers]
+            if container is not None:
+                containers.append(cover)
             objects.append(mask)
             parts.append(obj_parts)
             families.append(family)
@@ -307,7 +326,11 @@ class RegionScenes:
             if len(members) >= 2:
                 targets.append(np.logical_or.reduce([objects[i] for i in members]))
                 target_kinds.append(GROUP)
-        covered = np.logical_or.reduce(objects) if objects else np.zeros((h, w), bool)
+        for c in containers:
+            if c.sum() >= 2 * self.min_area:
+                targets.append(c)
+                target_kinds.append(CONTAINER)
+        covered = np.logical_or.reduce(objects + containers) if objects else np.zeros((h, w), bool)
         for s in range(int(stuff_labels.max()) + 1):
             region = (stuff_labels == s) & ~covered
             if region.sum() >= 4 * self.min_area:
