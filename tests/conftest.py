@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from stable_sam.build import build
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.model import StableSam
+
+
+def pytest_configure(config) -> None:
+    # Everything the tests start from the environment (the CLI, the backend, training jobs, Ray
+    # workers) serves what ``tiny_model`` is, the small SAM with the no-op plugin, so their masks
+    # can be compared with it. test_backend checks the shipped default (the RTS plugin) itself.
+    os.environ.setdefault("PLUGIN_CHECKPOINT", "none")
 
 
 @pytest.fixture(scope="session")

@@ -100,7 +100,7 @@ def test_start_training_adapts_and_switches_and_a_killed_job_changes_nothing(sta
     assert ml.state == "CO", f"backend state {ml.state}: {ml.error_message}{_logs(stack)}"
     v0 = setup_version(project.id)
     shipped = load_plugin(SAM_TINY_PLUGIN, model_type="sam_tiny").version
-    assert v0.endswith(f"+plugin-{shipped}")  # the shipped RTS plugin serves before any training
+    assert v0.endswith(f"+plugin-{shipped}")  # PLUGIN_CHECKPOINT "": the shipped RTS plugin serves first
 
     # "Start training": Label Studio sends START_TRAINING, the backend answers at once with a job
     t = time.monotonic()
