@@ -251,7 +251,10 @@ class ShardPool(Generic[T]):
     ``max_attempts`` times while running it, or no worker is left. A shard whose worker died
     (``RayActorError``: killed, out of memory, node lost) goes back to the front of the queue; only
     the shard the worker was running counts the death (the ones queued behind it are innocent), so
-    a poison image ends its own shard, not its neighbours'. The worker gets a cheap ``describe()``
+    a poison image ends its own shard, not its neighbours'. Which one that was can be unclear (a
+    finished shard's answer can be lost with its worker), so every shard that was in flight at a
+    death is a suspect from then on and runs alone on its worker: its next death blames it for
+    sure, and an innocent one comes back fine. The worker gets a cheap ``describe()``
     call that tells restarted (it answers, and gets shards again) from dead for good (dropped).
     Every shard is yielded exactly once. ``shards`` is read lazily, a shard when a worker has room
     (so a driver can list its work while the workers run); an error it raises ends ``run``."""
@@ -267,7 +270,8 @@ class ShardPool(Generic[T]):
         ray, actors = self.ray, self.actors
         fresh = iter(shards)
         exhausted = False
-        queue: Deque[Tuple[List[T], int]] = deque()  # (shard, deaths so far): retried ones first, then fresh ones
+        # (shard, deaths so far, suspect: in flight at a death): retried ones first, then fresh ones
+        queue: Deque[Tuple[List[T], int, bool]] = deque()
 
         def refill() -> bool:
             """Whether a shard waits to be sent; reads the next fresh one when none does."""
@@ -277,13 +281,14 @@ class ShardPool(Generic[T]):
                 if shard is None:
                     exhausted = True
                 else:
-                    queue.append((shard, 0))
+                    queue.append((shard, 0, False))
             return bool(queue)
-        pending: Dict[Any, Tuple[int, Optional[Tuple[List[T], int]]]] = {}  # ref -> (worker, shard | None: probe)
+        pending: Dict[Any, Tuple[int, Optional[Tuple[List[T], int, bool]]]] = {}  # ref -> (worker, shard | None: probe)
         in_flight: List[List[Any]] = [[] for _ in actors]  # refs per worker, in the order it runs them
         blamed: Dict[int, Any] = {}  # a worker that died -> the ref it was running then; no shards meanwhile
         back: Set[int] = set()  # workers that died and answered their probe (restarted)
         retired: Set[int] = set()  # dead for good
+        alone: Set[int] = set()  # workers running a suspect, which get nothing else meanwhile
 
         def probe(w: int) -> None:
             pending[actors[w].describe.remote()] = (w, None)
@@ -302,17 +307,22 @@ class ShardPool(Generic[T]):
 
         def done(w: int, ref: Any) -> None:
             in_flight[w].remove(ref)
+            if not in_flight[w]:
+                alone.discard(w)
             if w in back and not in_flight[w]:  # restarted, and all it held before is accounted for
                 back.discard(w)
                 del blamed[w]
 
         while refill() or any(in_flight):  # a probe alone does not keep the job waiting
             for w in range(len(actors)):
-                while w not in blamed and w not in retired and len(in_flight[w]) < IN_FLIGHT and refill():
+                while (w not in blamed and w not in retired and w not in alone and len(in_flight[w]) < IN_FLIGHT
+                       and refill() and not (queue[0][2] and in_flight[w])):
                     shard = queue.popleft()
                     ref = actors[w].run.remote(shard[0])
                     pending[ref] = (w, shard)
                     in_flight[w].append(ref)
+                    if shard[2]:
+                        alone.add(w)
             if not pending:  # shards left, no worker left
                 while refill():
                     yield -1, queue.popleft()[0], None, "no Ray worker left (all died): rerun to continue"
@@ -344,7 +354,7 @@ class ShardPool(Generic[T]):
                 if w not in blamed:  # the first news of this death
                     blamed[w] = running(in_flight[w])
                     probe(w)
-                shard, deaths = sent
+                shard, deaths, _ = sent
                 deaths += ref == blamed[w]
                 done(w, ref)
                 log.warning("Ray worker %d died with a shard of %d in hand: %s", w, len(shard), _last_line(e))
@@ -352,7 +362,7 @@ class ShardPool(Generic[T]):
                     yield w, shard, None, (f"its Ray worker died {deaths} times running this shard "
                                            f"(out of memory?): rerun to retry")
                 else:
-                    queue.appendleft((shard, deaths))
+                    queue.appendleft((shard, deaths, True))
                     self.retried += 1
                 continue
             done(w, ref)
