@@ -25,7 +25,7 @@ from torch import nn
 from .data.dataset import SegmentationDataset
 from .model import StableSam
 from .modeling.plugin import StableSamPlugin
-from .rts import RTSConfig, _prepare, plugin_param_groups, prompts_loss
+from .rts import RTSConfig, _prepare, lr_scheduler, plugin_param_groups, prompts_loss
 
 
 def fit(model: StableSam, dataset: SegmentationDataset, groups: List[Dict[str, Any]], cfg: RTSConfig,
@@ -40,11 +40,7 @@ def fit(model: StableSam, dataset: SegmentationDataset, groups: List[Dict[str, A
     samples = [s for s in samples if s.masks]
     steps = len(samples) * cfg.epochs
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / max(1, cfg.warmup_steps),
-                                               total_iters=max(1, cfg.warmup_steps))
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps - cfg.warmup_steps),
-                                                        eta_min=cfg.lr * cfg.min_lr_ratio)
-    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warmup, cosine], milestones=[max(1, cfg.warmup_steps)])
+    sched = lr_scheduler(opt, steps, cfg)  # RTS's own warm-up + cosine, per group
     if plugin is not None:
         plugin.train()
     losses: List[float] = []
