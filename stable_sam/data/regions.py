@@ -33,7 +33,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .synthetic import Scene, _random_color, _smooth_noise, _texture
+from .synthetic import Scene, _random_color, _smooth_noise, _texture, scene_shape
 
 REGIONS_TRAIN_SEED = 7_000_001
 REGIONS_HELDOUT_SEED = 7_900_009
@@ -249,10 +249,7 @@ class RegionScenes:
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, index])
-        h = w = self.size
-        if rng.random() < 0.3:
-            short = int(rng.integers(self.size * 5 // 8, self.size))
-            h, w = (short, self.size) if rng.random() < 0.5 else (self.size, short)
+        h, w = scene_shape(rng, self.size)
         image, stuff_labels = _stuff(rng, h, w)
         side = min(h, w)
         objects: List[np.ndarray] = []

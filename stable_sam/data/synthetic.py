@@ -159,6 +159,15 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.where(cm, np.asarray(clutter, np.float32), img)
 
 
+def scene_shape(rng: np.random.Generator, size: int) -> Tuple[int, int]:
+    """(H, W) of a scene ``size`` px on the long side: 30 % landscape or portrait, the short side
+    in [5/8 size, size), so that the padding SAM applies is exercised."""
+    if rng.random() < 0.3:
+        short = int(rng.integers(size * 5 // 8, size))
+        return (short, size) if rng.random() < 0.5 else (size, short)
+    return size, size
+
+
 class SyntheticScenes:
     """Deterministic generator: ``scenes[i]`` is the same scene for the same seed, every time.
 
@@ -181,10 +190,7 @@ class SyntheticScenes:
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, index])
-        h = w = self.size
-        if rng.random() < 0.3:
-            short = int(rng.integers(self.size * 5 // 8, self.size))
-            h, w = (short, self.size) if rng.random() < 0.5 else (self.size, short)
+        h, w = scene_shape(rng, self.size)
         image = _background(rng, h, w)
         masks: List[np.ndarray] = []
         kinds: List[str] = []
