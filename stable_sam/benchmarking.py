@@ -30,7 +30,7 @@ from .embedding_cache import EmbeddingCache
 from .model import StableSam
 from .modeling.plugin import StableSamPlugin
 from .predictor import StableSamPredictor
-from .pretrain import PretrainConfig, image_to_tensor, step_loss
+from .pretrain import PretrainConfig, batch_scenes, train_step
 from .preannotation import OfflineSummary, WorkList, items_from_coco, run_offline
 from .prompts import noisy_box
 
@@ -306,16 +306,9 @@ def time_pretrain_steps(sam: Sam, cfg: PretrainConfig, steps: int, warmup: int =
     device = sam.device
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        batch_scenes = [scenes[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
-        batch_scenes = [s for s in batch_scenes if s.masks]
+        chosen = batch_scenes(scenes, step, cfg)
         t1 = time.perf_counter()
-        batch = torch.stack([image_to_tensor(sam, s.image) for s in batch_scenes])
-        emb = sam.image_encoder(batch)
-        loss = step_loss(sam, emb, batch_scenes, cfg, rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
-        opt.step()
+        train_step(sam, opt, chosen, cfg, rng)
         sync(device)
         t2 = time.perf_counter()
         if step >= warmup:

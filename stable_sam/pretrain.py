@@ -175,6 +175,24 @@ def quick_eval(sam: Sam, scenes: Sequence[Scene], n_images: int, seed: int = 0) 
     return {k: float(np.mean(v)) for k, v in ious.items()}
 
 
+def batch_scenes(scenes: Sequence[Scene], step: int, cfg: PretrainConfig) -> List[Scene]:
+    """Step ``step``'s batch: the next ``cfg.batch_size`` scenes, those with something to prompt."""
+    batch = [scenes[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
+    return [s for s in batch if s.training_targets]
+
+
+def train_step(sam: Sam, opt: torch.optim.Optimizer, scenes: Sequence[Scene], cfg: PretrainConfig,
+               rng: np.random.Generator) -> torch.Tensor:
+    """One optimiser step on ``scenes``: encode, ``step_loss``, backward, clip, step. Returns the loss."""
+    batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
+    loss = step_loss(sam, sam.image_encoder(batch), scenes, cfg, rng)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss
+
+
 def training_state_path(out_path: Path) -> Path:
     """Where ``pretrain_sam`` keeps its resumable state next to the weights it writes."""
     return out_path.with_suffix(".state.pt")
@@ -217,15 +235,7 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
         return minutes_before + (time.time() - start) / 60
 
     for step in range(first_step, cfg.steps):
-        scenes = [train[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
-        scenes = [s for s in scenes if s.training_targets]
-        batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
-        emb = sam.image_encoder(batch)
-        loss = step_loss(sam, emb, scenes, cfg, rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
-        opt.step()
+        loss = train_step(sam, opt, batch_scenes(train, step, cfg), cfg, rng)
         sched.step()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % 25 == 0:
