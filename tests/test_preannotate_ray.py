@@ -44,9 +44,24 @@ def job(tmp_path_factory, tiny_model):
     return folder, work, ref
 
 
+@pytest.fixture(autouse=True)
+def no_workers_left(cluster):
+    """Each test starts with no pre-annotation worker on the cluster and leaves none behind (a test
+    that fails while a job runs must not fail the next ones with a name clash)."""
+    yield
+    for i in range(4):
+        try:
+            ray.kill(ray.get_actor(ACTOR_NAME.format(i)), no_restart=True)
+        except ValueError:  # no such actor
+            pass
+
+
 def journal_ids(output: Path) -> List[int]:
-    """Image ids of the journal's records, one per line, in the order they were written."""
+    """Image ids of the journal's records, one per line, in the order they were written; none
+    while the file is still empty (a run creates it, then writes the header)."""
     lines = journal_path(output).read_text().splitlines()
+    if not lines:
+        return []
     assert json.loads(lines[0])["format"].startswith("stable-sam-preannotation-journal")
     return [json.loads(line)["image_id"] for line in lines[1:]]
 
@@ -155,6 +170,17 @@ def test_shard_pool_gives_up_a_shard_that_kills_its_workers(cluster, restarts):
         assert pool.lost_workers == 2 and given_up[(3, -1)].startswith("no Ray worker left")
         assert all(reason.startswith("no Ray worker left") for reason in given_up.values())
 
+
+def test_a_second_job_on_a_busy_cluster_is_a_clear_error(cluster, job, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    busy, _ = start_workers(ray, Toy, lambda i: (), 1, 1, False, max_restarts=0)  # another job's worker 0
+    try:
+        with pytest.raises(RayUnavailable, match="another pre-annotation job is running on this Ray cluster"):
+            run_offline_ray(FACTORY, job[1], tmp_path / "o.json", workers=1, progress=False)
+        assert ray.get(busy[0].describe.remote())["version"] == "toy"  # the other job's worker is untouched
+    finally:
+        stop_workers(ray, busy)
+    assert not (tmp_path / "o.json").exists()
 
 # Runs the CLI with `import ray` failing (block) or not, and says whether Ray got imported.
 WRAPPER = """

@@ -222,7 +222,15 @@ def start_workers(ray, cls: type, args_of: Callable[[int], Tuple[Any, ...]], wor
                    # the workers import this package from where the driver has it
                    runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     remote_cls = ray.remote(cls)
-    actors = [remote_cls.options(name=ACTOR_NAME.format(i), **options).remote(*args_of(i)) for i in range(workers)]
+    actors: List[Any] = []
+    try:
+        for i in range(workers):
+            actors.append(remote_cls.options(name=ACTOR_NAME.format(i), **options).remote(*args_of(i)))
+    except ray.exceptions.ActorAlreadyExistsError as e:  # another job's workers hold the names
+        stop_workers(ray, actors)
+        raise RayUnavailable(f"another pre-annotation job is running on this Ray cluster (its worker "
+                             f"{ACTOR_NAME.format(len(actors))!r} exists): wait for it, or stop it ({_last_line(e)})"
+                             ) from None
     try:
         described = ray.get([a.describe.remote() for a in actors])
     except ray.exceptions.RayError as e:
