@@ -29,7 +29,8 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .errors import BadInput, ClientGone, clip
-from .model import TRAIN_EVENTS, StableSamBackend, project_id
+from .model import TRAIN_EVENTS, StableSamBackend
+from .projects import project_id
 from .settings import BackendSettings
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from stable_sam.checkpoint import TEMP_SUFFIX, atomic_write_json
+from stable_sam.plugin_store import project_scope
 
 from .errors import BadInput, clip
+from .job_files import LOCK_FD_ENV, job_status_path, utc_now
 from .settings import BackendSettings
-from .training import LOCK_FD_ENV, job_status_path, scope_of, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class JobManager:
 
     # -- files and locks ---------------------------------------------------------------------------
     def _path(self, project: int, suffix: str) -> Path:
-        return self.dir / f"{scope_of(project)}{suffix}"
+        return self.dir / f"{project_scope(project)}{suffix}"
 
     @contextlib.contextmanager
     def _control(self, project: int) -> Iterator[None]:
@@ -134,7 +135,8 @@ class JobManager:
                 job_id, _ = self._lock_info(project)
                 return {"status": "running", "job_id": job_id, "project": project,
                         "message": f"a training job of project {project} is running; see /train/status?project={project}"}
-            job_id = f"{scope_of(project)}-{datetime.now(timezone.utc).strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
+            started = datetime.now(timezone.utc).strftime('%Y%m%d%H%M%S')
+            job_id = f"{project_scope(project)}-{started}-{secrets.token_hex(3)}"
             status_path = job_status_path(self.settings.model_dir, job_id)
             log_path = status_path.with_suffix(".log")
             status = {"job_id": job_id, "project": project, "status": RUNNING, "phase": "starting",
@@ -167,7 +169,7 @@ class JobManager:
     def _prune(self, project: int) -> None:
         """Delete the status, log and cancel files of the project's jobs beyond the newest
         JOB_HISTORY (job ids sort by start time). Only finished jobs are that old: one runs at a time."""
-        ids = sorted({p.name.split(".")[0] for p in self.dir.glob(f"{scope_of(project)}-*.*")
+        ids = sorted({p.name.split(".")[0] for p in self.dir.glob(f"{project_scope(project)}-*.*")
                       if JOB_ID.match(p.name.split(".")[0])})
         for old in ids[:-JOB_HISTORY]:
             for suffix in (".json", ".log", ".cancel"):
@@ -254,7 +256,7 @@ class JobManager:
         """Every job's status (of ``project``), oldest first."""
         if not self.dir.is_dir():
             return []
-        pattern = f"{scope_of(project)}-*.json" if project is not None else "project-*.json"
+        pattern = f"{project_scope(project)}-*.json" if project is not None else "project-*.json"
         out = []
         for p in self.dir.glob(pattern):
             if JOB_ID.match(p.stem):

@@ -27,13 +27,16 @@ from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 from tqdm import tqdm
 
+from stable_sam.model import model_version
 from stable_sam.preannotation.automatic import AutoConfig, automatic_masks
 from stable_sam.preannotation.readahead import ReadAhead
 
 from .errors import BadInput
+from .label_config import ParsedConfig, parse_label_config
 from .label_studio import LabelStudioUnavailable, project_tasks
-from .model import ParsedConfig, StableSamBackend, parse_label_config
+from .model import StableSamBackend
 from .prompts import PROMPT_SOURCES, PromptGroup, result_regions
+from .results import brush_result
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def _auto_prediction(model, plugin, version: str, image: np.ndarray, config: Aut
     for k, found in enumerate(automatic_masks(model, image, config, plugin)):
         group = PromptGroup(to_name, None, [tuple(found.point)], [1], label=label, source_ids=[f"auto{k}"])
         pred = {"mask": found.mask, "score": found.predicted_iou, "stability": found.stability, "alpha": None}
-        res = StableSamBackend.brush_result(group, label, brush.name, to_name, pred, (w, h), (w, h))
+        res = brush_result(group, label, brush.name, to_name, pred, (w, h), (w, h))
         where = f"automatic: grid point {found.point[0]:.0f}, {found.point[1]:.0f}"
         res["stable_sam"]["prompt"] = where
         res["meta"]["text"] = [f"Stable-SAM: predicted IoU {found.predicted_iou:.2f}, "
@@ -190,7 +193,7 @@ class TaskAnnotator:
         # version its predictions carry, so tasks done by it are skipped, and the plugin automatic
         # masks run through.
         serving = backend.serving(project)
-        self.version = f"{self.model.model_id}+plugin-{serving.version}"
+        self.version = model_version(self.model.model_id, serving.version)
         self.plugin = backend.plugin_for(serving, self.model) if auto is not None else None
 
     def _image(self, task: Dict[str, Any], results: List[Dict[str, Any]]) -> np.ndarray:

@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
@@ -38,29 +37,20 @@ from stable_sam.checkpoint import atomic_write_json, save_plugin
 from stable_sam.data.dataset import DatasetError, ObjectPrompt, SegmentationDataset
 from stable_sam.data.label_studio_export import LabelStudioExport, LabelStudioTasks
 from stable_sam.download import CheckpointError
-from stable_sam.model import StableSam
+from stable_sam.model import StableSam, model_version
 from stable_sam.modeling.plugin import PluginConfig, StableSamPlugin
-from stable_sam.plugin_store import PluginStore
+from stable_sam.plugin_store import PluginStore, project_scope
 from stable_sam.prompts import mask_to_box
 from stable_sam.rts import RTSConfig, plugin_version
 
 from .errors import BadInput
+from .job_files import LOCK_FD_ENV, job_status_path, utc_now
 from .prompts import PromptGroup, group_prompts, parse_regions
 
 log = logging.getLogger(__name__)
 
 JOB_NICE = 10  # a job yields the CPU to the server's interactive clicks
-LOCK_FD_ENV = "STABLE_SAM_JOB_LOCK_FD"  # the inherited descriptor of the project's job lock (backend/jobs.py)
 STATUS_EVERY_S = 1.0  # training-step updates of the status file, at most this often
-
-
-def scope_of(project: int) -> str:
-    """The plugin-store scope of a Label Studio project."""
-    return f"project-{int(project)}"
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # -- the annotator's prompts -----------------------------------------------------------------------
@@ -151,7 +141,7 @@ def project_dataset(settings, project: int) -> LabelStudioTasks:
     (uploads, local files, cloud storage) with LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY."""
     from .label_studio import connect, project_tasks
     from .media import ImageLoader
-    from .model import parse_label_config
+    from .label_config import parse_label_config
 
     client = connect(settings.label_studio_url, settings.label_studio_api_key)
     image_key = None
@@ -271,14 +261,10 @@ def run_adaptation(model: StableSam, dataset: SegmentationDataset, reporter: Rep
         else:
             path = save_plugin(result.plugin, out, version, base, summary)
     reporter.log(f"plugin {version} written to {path}" + (" and activated" if store is not None and activate else ""))
-    return {"version": version, "model_version": f"{model.model_id}+plugin-{version}", "path": str(path),
+    return {"version": version, "model_version": model_version(model.model_id, version), "path": str(path),
             "activated": bool(store is not None and activate), "previous_version": current_version,
             "heldout": summary["heldout"], "images": summary["images"], "objects": summary["objects"],
             "prompt_kinds": summary["prompt_kinds"], "skipped": summary["skipped"], "minutes": summary["minutes_total"]}
-
-
-def job_status_path(model_dir: Path, job_id: str) -> Path:
-    return Path(model_dir) / "jobs" / f"{job_id}.json"
 
 
 def release_job_lock() -> None:
@@ -333,7 +319,7 @@ def _job(argv: Optional[Sequence[str]]) -> int:
         reporter.update(tasks=len(dataset))
         model = build_from_settings(settings)
         store = PluginStore(settings.model_dir, model.model_id)
-        scope = scope_of(args.project)
+        scope = project_scope(args.project)
         reporter.update(store_dir=str(store.scope_dir(scope)), base_model=model.model_id)
         cfg = AdaptationConfig(holdout=settings.train_holdout, init=settings.train_init)
         result = run_adaptation(model, dataset, reporter, store=store, scope=scope, cfg=cfg,

@@ -135,10 +135,10 @@ def adapt_main(args: argparse.Namespace, command: str) -> int:
     """Adaptation to a Label Studio project's labels: the backend's training job, from the command line."""
     from backend.errors import BadInput
     from backend.settings import BackendSettings
-    from backend.training import Reporter, export_dataset, project_dataset, run_adaptation, scope_of
-    from stable_sam.plugin_store import PluginStore
+    from backend.training import Reporter, export_dataset, project_dataset, run_adaptation
+    from stable_sam.plugin_store import PluginStore, project_scope
 
-    scope = args.scope or (scope_of(args.project) if args.project is not None else None)
+    scope = args.scope or (project_scope(args.project) if args.project is not None else None)
     try:
         if args.store is None and args.out is None:
             raise ValueError("adaptation writes a new version: give --store MODEL_DIR (with --project or --scope) "

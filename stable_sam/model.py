@@ -16,6 +16,15 @@ from .embedding_cache import EmbeddingCache, image_hash
 from .modeling.plugin import StableSamPlugin, attach, route
 
 
+UNTRAINED_PLUGIN = "init"  # the version of the untrained plugin, a no-op: its masks are plain SAM's
+
+
+def model_version(base_id: str, plugin_version: str) -> str:
+    """The version a prediction carries: the base model and the plugin, ``<base>+plugin-<version>``
+    (e.g. ``sam_tiny-3f2a9c1b+plugin-init``)."""
+    return f"{base_id}+plugin-{plugin_version}"
+
+
 class ResizeAtLeastOnePixel(ResizeLongestSide):
     """SAM's resize (longest side to the encoder's input) with every side at least one pixel: SAM's
     own rounds the short side of a 20000 x 1 image to 0 and the resize fails. Otherwise the same."""
@@ -44,7 +53,7 @@ class StableSam:
     """
 
     def __init__(self, sam: Sam, plugin: StableSamPlugin, model_type: str, model_id: str,
-                 device: torch.device, plugin_version: str = "init",
+                 device: torch.device, plugin_version: str = UNTRAINED_PLUGIN,
                  cache: Optional[EmbeddingCache] = None) -> None:
         self.sam = attach(sam.to(device).eval(), layer=plugin.config.layer)
         self.sam.requires_grad_(False)
@@ -64,8 +73,8 @@ class StableSam:
 
     @property
     def version(self) -> str:
-        """Base model and plugin version, e.g. ``sam_tiny-3f2a9c1b+plugin-init``."""
-        return f"{self.model_id}+plugin-{self.plugin_version}"
+        """Base model and plugin version (``model_version``)."""
+        return model_version(self.model_id, self.plugin_version)
 
     def set_plugin(self, plugin: StableSamPlugin, version: str) -> None:
         if plugin.config.layer != self.plugin.config.layer:

@@ -31,6 +31,11 @@ POINTER = "current.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")  # \Z: "$" would also take a trailing newline
 
 
+def project_scope(project: int) -> str:
+    """The scope of a Label Studio project's versions: ``project-<id>``."""
+    return f"project-{int(project)}"
+
+
 class StoreError(CheckpointError):
     """A bad scope or version name, an unknown version, or a version that already exists."""
 

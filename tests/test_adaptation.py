@@ -23,7 +23,8 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.jobs import JobManager
-from backend.model import StableSamBackend, project_id
+from backend.model import StableSamBackend
+from backend.projects import project_id
 from backend.settings import BackendSettings, SettingsError
 from backend.training import annotation_prompts
 from backend_helpers import (RECOMMENDED_CONFIG, brush_result, centroid, drawn_scene, iou, keypoint, loosen, rectangle,

@@ -172,11 +172,12 @@ def test_a_corrective_click_refines_the_previous_mask_within_its_project(images,
 
 def test_region_details_show_routing_weights_only_for_a_trained_plugin():
     from backend.prompts import PromptGroup
+    from backend.results import brush_result
 
     g = PromptGroup("image", None, [(5.0, 5.0)], [1], label="Object", source_ids=["k1"], source_from_name="kp")
     pred = {"mask": np.ones((4, 4), bool), "score": 0.9, "stability": 0.8, "alpha": [0.3, 0.7]}
-    text = {v: StableSamBackend.brush_result(g, "Object", "tag", "image", pred, (4, 4), (4, 4),
-                                             plugin_version=v)["meta"]["text"][0] for v in ("init", "v0003")}
+    text = {v: brush_result(g, "Object", "tag", "image", pred, (4, 4), (4, 4),
+                            plugin_version=v)["meta"]["text"][0] for v in ("init", "v0003")}
     assert "plain SAM (untrained plugin)" in text["init"] and "DRP" not in text["init"]
     assert "DRP routing deformed 0.30 / regular 0.70" in text["v0003"]
 

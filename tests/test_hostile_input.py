@@ -30,7 +30,8 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.errors import clip
-from backend.model import StableSamBackend, project_id
+from backend.model import StableSamBackend
+from backend.projects import project_id
 from backend.settings import BackendSettings
 from backend_helpers import (MULTICLASS_CONFIG, RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen,
                              rectangle, result_mask)
@@ -346,7 +347,8 @@ def test_schema_and_plugin_caches_are_bounded_in_entries_and_bytes(settings, tin
     huge = RECOMMENDED_CONFIG.replace("</View>", "<!-- " + "y" * 700_000 + " --></View>")
     assert answer(c, "/setup", {"project": "9.1", "schema": huge})[0] == 200  # served, not kept
     assert all(cache.nbytes <= 0.5 * 2**20 for cache in (backend._schemas, backend._configs))
-    assert backend._plugins.max_items == s.plugin_cache_items and backend._plugins.max_bytes == s.plugin_cache_mb * 2**20
+    plugins = backend.plugin_versions.plugins
+    assert plugins.max_items == s.plugin_cache_items and plugins.max_bytes == s.plugin_cache_mb * 2**20
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,9 @@
 """One-way layers: ``scripts -> backend -> stable_sam``, read from the source (ast, nothing imported).
 
-- no import cycles among stable_sam's modules (imports inside functions count too: a lazy import
-  that closes a cycle is still a cycle);
+- no import cycles among stable_sam's modules, nor among backend's (imports inside functions count
+  too: a lazy import that closes a cycle is still a cycle);
 - stable_sam never imports backend, scripts (``stable_sam_cli``) or tests;
 - backend never imports scripts or tests; a script never imports tests or another script.
-
-backend's own modules are not yet checked for cycles: jobs.py -> training.py -> model.py -> jobs.py
-is one (issue 14, the backend/model.py split).
 """
 
 from __future__ import annotations
@@ -114,6 +111,10 @@ def layer(name: str) -> str:
 
 def test_no_import_cycles_in_stable_sam():
     assert cycles(graph(), "stable_sam") == []
+
+
+def test_no_import_cycles_in_backend():
+    assert cycles(graph(), "backend") == []
 
 
 def test_layers_point_one_way():
