@@ -6,12 +6,8 @@ presign URL) with our own ``requests`` session (timeouts, a byte limit). Authent
 token is sent as ``Token``; a personal access token (a JWT refresh token) gets 401 when sent as
 is, so it is exchanged at ``/api/token/refresh/`` for an access token (5 min), cached.
 
-Every http(s) connection of a download (redirects too) resolves its host itself, checks every
-address, and connects to the checked one (no second DNS answer to swap in): an address that is not
-public (loopback, private, link-local, ...) is refused before any connection is tried, unless the
-host is LABEL_STUDIO_URL's or in SSRF_ALLOWED_HOSTS (``AddressGuard``), so a closed port and an
-open one answer alike. A download that has not finished by FETCH_DEADLINE_S has its sockets shut
-down (``_Download``).
+Every download goes through ``backend/guarded_fetch.py``: SSRF protection on every connection, a
+deadline and a byte limit.
 
 Images are decoded with EXIF orientation applied (the browser shows them so, and Label Studio's
 ``original_width``/``original_height`` are of the oriented picture) and refused over
@@ -22,17 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures
 import io
-import ipaddress
 import logging
-import socket
 import stat
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 import jwt
@@ -40,195 +33,15 @@ import numpy as np
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_io
 from PIL import Image, ImageOps, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .errors import BadInput, ImageTooLarge, ImageUnavailable, clip
+from .guarded_fetch import AddressGuard, Download, LimitedSession, short_url
 from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
 MAX_URL_CHARS = 16384  # an image URL (not data:) longer than this is refused: S3 presigned URLs are ~2 KB
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-class AddressRefused(BadInput):
-    """An image URL that leads to an address SSRF protection does not let the backend reach."""
-
-    status = 403
-
-
-class AddressGuard:
-    """Which addresses image downloads may connect to: public ones, and others only for Label
-    Studio's own host and SSRF_ALLOWED_HOSTS (host names, IP addresses, CIDR networks)."""
-
-    def __init__(self, settings: BackendSettings) -> None:
-        self.enabled = settings.ssrf_protection
-        self.names: set = set()
-        self.networks: List[Any] = []
-        for item in settings.ssrf_allowed_hosts:
-            try:
-                self.networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                self.names.add(item.lower().rstrip("."))
-        ls_host = urlparse(settings.label_studio_url).hostname if settings.label_studio_url else None
-        if ls_host:
-            self.names.add(ls_host.lower().rstrip("."))
-
-    def refusal(self, host: str, address: str) -> Optional[str]:
-        """None when ``host`` (connected at ``address``) may be read, else why not."""
-        if not self.enabled:
-            return None
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_global and not ip.is_multicast:
-            return None
-        name = host.lower().strip("[]").rstrip(".")
-        if name in self.names or any(ip in net for net in self.networks):
-            return None
-        kind = ("a loopback" if ip.is_loopback else "a link-local" if ip.is_link_local
-                else "a private" if ip.is_private else "a non-public")
-        return (f"{clip(host, 60)} is at {ip}, {kind} address: refused by SSRF protection; allow it with "
-                f"SSRF_ALLOWED_HOSTS={host if len(host) <= 60 else ip} (host names, IPs or CIDR networks, "
-                f"comma-separated) or turn the protection off with SSRF_PROTECTION=0")
-
-
-_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="resolve")
-
-
-class _Download:
-    """One image download: every connection it opens is checked against the guard, and all of
-    them are shut down when FETCH_DEADLINE_S passes (a read blocked on a trickling server then
-    fails at once)."""
-
-    def __init__(self, guard: AddressGuard, deadline_s: float) -> None:
-        self.guard, self.deadline_s = guard, deadline_s
-        self.deadline = time.monotonic() + deadline_s
-        self.expired = False
-        self._sockets: List[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(deadline_s, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return max(self.deadline - time.monotonic(), 0.0)
-
-    def address(self, host: str, port: int) -> str:
-        """The address to connect to for ``host``: every address it resolves to is checked (one
-        refused address refuses the host). The lookup is bounded by the deadline too: it runs on a
-        small pool (a hung resolver keeps a pool thread, not the request's)."""
-        lookup = _RESOLVER.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-        try:
-            infos = lookup.result(timeout=self.remaining())  # gaierror: unreachable
-        except concurrent.futures.TimeoutError:
-            raise self.timeout_error() from None
-        addresses = [info[4][0] for info in infos]
-        for address in addresses:
-            why = self.guard.refusal(host, address)
-            if why is not None:
-                raise AddressRefused(f"image host {why}")
-        if self.expired:
-            raise self.timeout_error()
-        return addresses[0]
-
-    def register(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self.expired:
-                raise self.timeout_error()
-            self._sockets.append(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def timeout_error(self) -> ImageUnavailable:
-        return ImageUnavailable(f"the image download did not finish within FETCH_DEADLINE_S ({self.deadline_s:g} s)")
-
-    def close(self) -> None:
-        self._timer.cancel()
-
-
-def _guarded_pools(download: _Download) -> Dict[str, type]:
-    """urllib3 pool classes whose connections go to the address ``download.address`` checked and
-    are registered with ``download`` (TLS still verifies the host name: only the address is
-    pinned)."""
-
-    def guarded(base: type) -> type:
-        class Guarded(base):
-            def _new_conn(self):
-                name = self._dns_host
-                pinned = download.address(self.host, self.port)
-                self._dns_host = pinned  # what urllib3 connects to; restored before TLS reads self.host
-                try:
-                    sock = super()._new_conn()
-                finally:
-                    self._dns_host = name
-                try:
-                    download.register(sock)
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-        return Guarded
-
-    http_conn, https_conn = guarded(HTTPConnection), guarded(HTTPSConnection)
-    return {"http": type("GuardedPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("GuardedTLSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})}
-
-
-class _GuardedAdapter(HTTPAdapter):
-    def __init__(self, download: _Download) -> None:
-        self._download = download  # before HTTPAdapter.__init__, which makes the pool manager
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _guarded_pools(self._download)
-
-
-class _LimitedSession(requests.Session):
-    """A session for one download: GETs with a per-read timeout, at most ``max_bytes`` of body,
-    connections checked and cut at the deadline by ``download``."""
-
-    def __init__(self, timeout: float, max_bytes: int, download: _Download) -> None:
-        super().__init__()
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-        self.download = download
-        adapter = _GuardedAdapter(download)
-        self.mount("http://", adapter)
-        self.mount("https://", adapter)
-
-    def get(self, url, **kwargs):  # noqa: D401 - requests' signature
-        kwargs.setdefault("timeout", max(min(self.timeout, self.download.remaining()), 0.001))
-        kwargs["stream"] = True
-        r = super().get(url, **kwargs)
-        if r.ok:
-            length = r.headers.get("Content-Length", "").strip()
-            if length.isascii() and length.isdigit() and int(length) > self.max_bytes:
-                r.close()
-                raise ImageTooLarge(f"image at {_short(url)} is {int(length) / 2**20:.1f} MB, over MAX_IMAGE_MB "
-                                    f"({self.max_bytes / 2**20:g} MB)")
-            buf = bytearray()
-            for chunk in r.iter_content(1 << 16):
-                buf += chunk
-                if len(buf) > self.max_bytes:
-                    r.close()
-                    raise ImageTooLarge(f"image at {_short(url)} is over MAX_IMAGE_MB ({self.max_bytes / 2**20:g} MB)")
-                if self.download.expired:
-                    r.close()
-                    raise self.download.timeout_error()
-            r._content = bytes(buf)
-            r._content_consumed = True
-        return r
 
 
 class TokenSource:
@@ -387,16 +200,16 @@ class ImageLoader:
             raise BadInput(f"the task's image URL must be a non-empty string, got {clip(url)}")
         url = url.strip()
         if len(url) > MAX_URL_CHARS and not url.startswith("data:"):
-            raise BadInput(f"image URL {_short(url)} is {len(url)} characters long, over {MAX_URL_CHARS}")
+            raise BadInput(f"image URL {short_url(url)} is {len(url)} characters long, over {MAX_URL_CHARS}")
         if ls_io.is_cloud_storage_uri(url) and task_id is not None and (
                 isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < 2**63):
             # it goes into Label Studio's presign URL (/tasks/<id>/presign/) and the cache key
-            raise BadInput(f"image {_short(url)} is a cloud-storage URI: the task id must be a Label Studio "
+            raise BadInput(f"image {short_url(url)} is a cloud-storage URI: the task id must be a Label Studio "
                            f"task id (a whole number), got {clip(task_id, 40)}")
         hit = self.cached(url, task_id)
         if hit is not None:
             return hit
-        image = decode_image(self._fetch(url, task_id), self.settings.max_image_pixels, f"image {_short(url)}")
+        image = decode_image(self._fetch(url, task_id), self.settings.max_image_pixels, f"image {short_url(url)}")
         extra = on_loaded(image) if on_loaded else {}
         self._remember(url, task_id, image, extra)
         return image, extra
@@ -407,14 +220,14 @@ class ImageLoader:
         ``?d=`` value, always relative to the root (as its /data/local-files/ view reads it)."""
         root = self.settings.local_files_root
         if root is None:
-            raise BadInput(f"image {_short(path)} is a local path; local files are read only under "
+            raise BadInput(f"image {short_url(path)} is a local path; local files are read only under "
                            f"LOCAL_FILES_DOCUMENT_ROOT, which is not set")
         try:
             full = (root / path.lstrip("/")).resolve() if relative else Path(path).resolve()
         except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
-            raise BadInput(f"image {_short(path)} is not a usable local path ({e.__class__.__name__})") from None
+            raise BadInput(f"image {short_url(path)} is not a usable local path ({e.__class__.__name__})") from None
         if full != root and root not in full.parents:
-            raise BadInput(f"image {_short(path)} is outside LOCAL_FILES_DOCUMENT_ROOT ({root})")
+            raise BadInput(f"image {short_url(path)} is outside LOCAL_FILES_DOCUMENT_ROOT ({root})")
         return full
 
     def _read_file(self, path: Path, shown: str) -> bytes:
@@ -434,7 +247,7 @@ class ImageLoader:
             raise ImageUnavailable(f"image {shown} cannot be read: {e.strerror}") from None
 
     def _fetch(self, url: str, task_id: Any) -> bytes:
-        shown = _short(url)
+        shown = short_url(url)
         if url.startswith("data:"):
             head, _, payload = url.partition(",")
             if ";base64" not in head:
@@ -469,8 +282,8 @@ class ImageLoader:
         if not needs_ls and not url.startswith(("http://", "https://")):
             raise BadInput(f"image {shown}: unsupported URL form (expected /data/upload/..., http(s)://, "
                            f"s3://, gs://, azure-blob://, a local path or a data: URL)")
-        download = _Download(self.guard, self.settings.fetch_deadline_s)
-        session = _LimitedSession(self.settings.fetch_timeout_s, self.max_bytes, download)
+        download = Download(self.guard, self.settings.fetch_deadline_s)
+        session = LimitedSession(self.settings.fetch_timeout_s, self.max_bytes, download)
         try:
             token = self.tokens.token() if self.settings.label_studio_api_key else None
             with ls_io.http_session(session):
@@ -481,7 +294,7 @@ class ImageLoader:
         except requests.HTTPError as e:
             code = e.response.status_code if e.response is not None else "?"
             hint = " (check LABEL_STUDIO_API_KEY)" if code in (401, 403) else ""
-            raise ImageUnavailable(f"image {shown}: HTTP {code} from {_short(e.request.url if e.request else url)}"
+            raise ImageUnavailable(f"image {shown}: HTTP {code} from {short_url(e.request.url if e.request else url)}"
                                    f"{hint}") from None
         except requests.RequestException as e:
             if download.expired:
@@ -495,12 +308,3 @@ class ImageLoader:
             download.close()
             session.close()
         return base64.b64decode(b64)
-
-
-def _short(url: str, n: int = 100) -> str:
-    """``url`` cut to ``n`` characters, control characters escaped (a NUL or a newline must not
-    reach the log as is)."""
-    head = url if len(url) <= n else url[: n - 3]
-    if not head.isprintable():
-        head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
-    return head if len(url) <= n else head + "..."
