@@ -85,9 +85,13 @@ def main(argv=None) -> int:
     print(f"\nnoisy-0.4 / GT box mIoU: {profile['noisy04_over_gt']} (real SAM ViT-L: 0.58)")
     print(f"1 point / 3 points mIoU: {profile['point1_over_point3']} (real SAM ViT-L: 0.55)")
     print(f"object area outside the noisy-0.4 boxes: {profile['outside_box_share']} %")
+    neg = profile["negative_click"]
+    if neg:
+        print(f"a negative click on a wrongly included region raised IoU in {neg['raised_share']} % of "
+              f"{neg['cases']} cases (mean IoU {neg['iou_before']} -> {neg['iou_after']})")
     if args.json:
         print(json.dumps({k: profile[k] for k in ("types", "noisy04_over_gt", "point1_over_point3",
-                                                  "outside_box_share", "images", "objects")}))
+                                                  "outside_box_share", "negative_click", "images", "objects")}))
     return 0
 
 

@@ -16,24 +16,35 @@ the summed object area times the prompts (percent), so a tiny object that a mask
 outweigh the rest. mIoU is the protocol's: per object over its prompts, then over objects. The profile also gives
 the two ratios that tell a proxy SAM from real SAM (noisy-0.4 / GT-box mIoU, 1-point / 3-point
 mIoU; real SAM ViT-L: 0.58 and 0.55) and the share of object area outside the noisy-0.4 boxes.
+
+The negative-click check (``negative_click``): for the first ``NEGATIVE_CLICK_PROMPTS`` prompts of
+each object under a noisy-0.4 box and one point, a mask that wrongly includes a region (false
+positive of at least ``MIN_SPILL_SHARE`` of the object's area and ``MIN_SPILL_PX`` pixels) gets a
+negative click where an annotator would put it: the pixel of the largest false-positive component
+farthest from its border (SAM's interactive evaluation). The prompt plus that click, with the first
+mask's low-res logits as the mask prompt (SAM's interactive loop, as the backend serves it), is
+predicted again; the check counts the cases in which IoU rose.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from .data.dataset import SegmentationDataset
-from .evaluation import PROMPT_TYPES, ProtocolConfig, prompt_rng, protocol_prompts, predict_protocol
+from .evaluation import PROMPT_TYPES, Prompts, ProtocolConfig, prompt_rng, protocol_prompts, predict_protocol
 from .metrics import boundary_width, mask_iou
 from .model import StableSam
 from .modeling.plugin import StableSamPlugin
 from .predictor import StableSamPredictor
 
 ERROR_PARTS = ("fn", "fp_neighbour", "fp_band", "fp_far")
+NEGATIVE_CLICK_TYPES = ("noisy_box_0.4", "point1")
+NEGATIVE_CLICK_PROMPTS = 5
+MIN_SPILL_SHARE, MIN_SPILL_PX = 0.02, 16
 
 
 def error_pixels(pred: np.ndarray, gt: np.ndarray, others: np.ndarray, band: np.ndarray) -> np.ndarray:
@@ -59,17 +70,61 @@ def outside_box_share(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return 1.0 - inside.mean(axis=1)
 
 
+def negative_click_point(spill: np.ndarray) -> np.ndarray:
+    """(x, y) pixel centre of the largest connected component of the H x W bool ``spill`` that lies
+    farthest from the component's border."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(spill.astype(np.uint8), connectivity=8)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    dist = cv2.distanceTransform(np.pad(labels == largest, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return np.array([x + 0.5, y + 0.5])
+
+
+def negative_clicks(predictor: StableSamPredictor, prompts: Sequence[Prompts], gts: Sequence[np.ndarray],
+                    use_plugin: bool) -> List[Tuple[float, float]]:
+    """(IoU before, IoU after) of every case where a prediction of ``prompts`` (one ``Prompts`` per
+    object ``gts[j]`` of the image set in ``predictor``) spills and gets a negative click."""
+    boxed = prompts[0].boxes is not None
+    rows = [(j, i) for j, p in enumerate(prompts) for i in range(min(NEGATIVE_CLICK_PROMPTS, len(p)))]
+    base = np.stack([(prompts[j].boxes if boxed else prompts[j].points)[i] for j, i in rows])  # N x 4 | N x K x 2
+    if boxed:
+        first = predictor.predict(box=base, multimask_output=False, use_plugin=use_plugin)
+    else:
+        first = predictor.predict(point_coords=base, point_labels=np.ones(base.shape[:2]), multimask_output=False,
+                                  use_plugin=use_plugin)
+    cases, clicks = [], []
+    for r, (j, _) in enumerate(rows):
+        spill = first.masks[r] & ~gts[j]
+        if spill.sum() >= max(MIN_SPILL_PX, MIN_SPILL_SHARE * gts[j].sum()):
+            cases.append(r)
+            clicks.append(negative_click_point(spill))
+    if not cases:
+        return []
+    neg, n = np.array(clicks)[:, None], len(cases)  # N x 1 x 2
+    if boxed:
+        points, labels, box = neg, np.zeros((n, 1)), base[cases]
+    else:
+        points = np.concatenate([base[cases], neg], axis=1)
+        labels, box = np.concatenate([np.ones(base[cases].shape[:2]), np.zeros((n, 1))], axis=1), None
+    second = predictor.predict(point_coords=points, point_labels=labels, box=box, mask_input=first.low_res_logits[cases],
+                               multimask_output=False, use_plugin=use_plugin)
+    return [(float(mask_iou(first.masks[r][None], gts[rows[r][0]])[0]),
+             float(mask_iou(second.masks[k][None], gts[rows[r][0]])[0])) for k, r in enumerate(cases)]
+
+
 def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Optional[StableSamPlugin] = None,
                     cfg: ProtocolConfig = ProtocolConfig(), progress: bool = True) -> Dict[str, object]:
     """The profile of plain SAM (``plugin`` None) or Stable-SAM with ``plugin`` on every object of
     ``dataset``: ``{"types": {P: {"miou", *ERROR_PARTS}}, "noisy04_over_gt", "point1_over_point3",
-    "outside_box_share", "images", "objects"}``, figures in percent except the ratios."""
+    "outside_box_share", "negative_click": {"cases", "raised_share", "iou_before", "iou_after"} | None,
+    "images", "objects"}``, figures in percent except the ratios."""
     predictor = StableSamPredictor(model, max_batch=128)
     saved_plugin, saved_version = model.plugin, model.plugin_version
     ious: Dict[str, List[float]] = {t: [] for t in cfg.prompt_types}
     errors = {t: np.zeros(len(ERROR_PARTS)) for t in cfg.prompt_types}  # pixels, summed
     areas = {t: 0 for t in cfg.prompt_types}  # object pixels x prompts, summed
     outside: List[float] = []
+    clicked: List[Tuple[float, float]] = []  # (IoU before, after) of each negative click
     images = objects = 0
     try:
         for index in tqdm(range(len(dataset)), desc="failure profile", unit="image", disable=not progress,
@@ -96,6 +151,8 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
                     ious[t].append(float(mask_iou(mj, gt).mean()))
                     if t == "noisy_box_0.4":
                         outside.append(float(outside_box_share(gt, prompts[j].boxes).mean()))
+                if t in NEGATIVE_CLICK_TYPES:
+                    clicked += negative_clicks(predictor, prompts, sample.masks, use_plugin=plugin is not None)
     finally:
         model.set_plugin(saved_plugin, saved_version)
     types = {t: {"miou": round(100 * float(np.mean(ious[t])), 2),
@@ -107,10 +164,16 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
             return round(types[a]["miou"] / types[b]["miou"], 3)
         return None
 
+    negative = None
+    if clicked:
+        before, after = np.array(clicked).T
+        negative = {"cases": len(clicked), "raised_share": round(100 * float((after > before).mean()), 2),
+                    "iou_before": round(100 * float(before.mean()), 2),
+                    "iou_after": round(100 * float(after.mean()), 2)}
     return {"types": types, "noisy04_over_gt": ratio("noisy_box_0.4", "gt_box"),
             "point1_over_point3": ratio("point1", "point3"),
             "outside_box_share": round(100 * float(np.mean(outside)), 2) if outside else None,
-            "images": images, "objects": objects}
+            "negative_click": negative, "images": images, "objects": objects}
 
 
 def profile_table(profile: Dict[str, object]) -> str:
@@ -122,5 +185,5 @@ def profile_table(profile: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ERROR_PARTS", "PROMPT_TYPES", "band_around", "error_pixels", "failure_profile", "outside_box_share",
-           "profile_table"]
+__all__ = ["ERROR_PARTS", "PROMPT_TYPES", "band_around", "error_pixels", "failure_profile", "negative_click_point",
+           "negative_clicks", "outside_box_share", "profile_table"]
