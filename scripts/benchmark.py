@@ -1,6 +1,6 @@
 """The paper's benchmark: plain SAM and Stable-SAM on the same seeded prompts, side by side.
 
-    python scripts/benchmark.py                      # the README table: committed small SAM and
+    python scripts/benchmark.py                      # docs/benchmarks.md table: committed small SAM and
                                                      # plugin, held-out synthetic scenes
     python scripts/benchmark.py --json               # ... and one JSON object as the last line
     python scripts/benchmark.py --model-type vit_l --checkpoint sam_vit_l_0b3195.pth \\

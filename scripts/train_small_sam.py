@@ -1,7 +1,7 @@
 """Train the project's small SAM from scratch on synthetic scenes (CPU is fine: the committed one took
 ~2.8 h on one core, in three runs).
 
-The committed checkpoint ``checkpoints/sam_tiny.pt`` was made by the commands in README.md.
+The committed checkpoint ``checkpoints/sam_tiny.pt`` was made by the commands in docs/small-sam.md.
 """
 
 from __future__ import annotations
