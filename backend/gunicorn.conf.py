@@ -2,9 +2,16 @@
 
 gthread workers: /health and /setup answer from another thread while a click is being decoded.
 Each worker process loads its own model, lazily; ``preload_app`` stays off on purpose.
+/metrics sums all workers' counters through prometheus_client's multi-process mode: the master
+gives the workers a ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary one unless set) and removes it
+on exit.
 """
 
+import glob
 import json
+import os
+import shutil
+import tempfile
 import threading
 
 import gunicorn.util
@@ -37,6 +44,35 @@ def _json_write_error(sock, status_int, reason, mesg):
 
 
 gunicorn.util.write_error = _json_write_error
+
+
+_METRICS_DIR_PREFIX = "stable-sam-metrics-"  # the temporary directories this file makes (and removes)
+
+
+def on_starting(server):
+    """Before any worker forks, so every worker inherits the directory; prometheus_client picks its
+    multi-process mode when first imported, so the master must not import it before this."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        # A directory given from outside may hold a previous run's counts: they would be summed in.
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_DIR_PREFIX)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    # Known by its name, not a module global: a HUP reload re-reads this file.
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.dirname(path) == tempfile.gettempdir() and os.path.basename(path).startswith(_METRICS_DIR_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def post_worker_init(worker):
