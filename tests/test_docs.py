@@ -223,3 +223,13 @@ def test_readme_fits_one_screen():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 150 and len(text.encode()) <= 10_000, \
         "README.md is the newcomer's one screen: move detail to docs/"
+
+
+def test_readme_names_every_console_script():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in scripts
+               if name not in readme and not (name.startswith("stable-sam-bench-") and "stable-sam-bench-*" in readme)]
+    assert not missing, f"console scripts from pyproject.toml the README's table does not name: {missing}"
