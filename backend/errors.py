@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stable_sam.echo import clip  # noqa: F401 - re-exported: every backend message echoes with it
+
 
 class BadInput(ValueError):
     """The request cannot be served as sent; ``status`` is the HTTP status to answer with."""
@@ -35,22 +37,3 @@ class ClientGone(BadInput):
     nobody reads the answer)."""
 
     status = 499
-
-
-ECHO_CHARS = 100  # how much of a value sent to us is repeated in a message or a log line
-
-
-def clip(value: object, n: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to ``n`` characters, for echoing what a client sent: a 1 MB name must
-    not come back whole in the answer or the log. Containers are summarised, not walked (a deeply
-    nested one would recurse)."""
-    if isinstance(value, (list, tuple)) and len(value) <= 20 and all(
-            isinstance(v, (str, int, float)) for v in value):  # flat: shown, each item clipped
-        text = "[" + ", ".join(clip(v, n) for v in value) + "]"
-        return text if len(text) <= n else f"{text[:n - 3]}... ({len(value)} items)"
-    if isinstance(value, (dict, list, tuple)):
-        return f"<{type(value).__name__} of {len(value)}>"
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"<{value.bit_length()}-bit integer>"  # repr of a huge int is slow (and capped by Python)
-    text = repr(value)
-    return text if len(text) <= n else f"{text[:n - 3]}... ({len(text)} characters)"

@@ -8,8 +8,10 @@ from typing import Any, Dict, Sequence
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from stable_sam.data.label_studio_prompts import (KEYPOINT_CONTROL_TAGS, PROMPT_CONTROL_TAGS, RECTANGLE_CONTROL_TAGS,
+                                                  PromptGroup, Region)
+
 from .errors import BadInput, clip
-from .prompts import KEYPOINT_CONTROL_TAGS, PROMPT_CONTROL_TAGS, RECTANGLE_CONTROL_TAGS, PromptGroup, Region
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from stable_sam.build import build_from_settings
+from stable_sam.data.label_studio_prompts import (PromptGroup, Region, RegionError, group_prompts, parse_regions,
+                                                  result_regions)
 from stable_sam.model import StableSam, model_version
 from stable_sam.modeling.plugin import StableSamPlugin
 from stable_sam.predictor import PromptError, StableSamPredictor
@@ -37,7 +39,6 @@ from .metrics import Metrics
 from .prefetch import Prefetcher
 from .previous_masks import PreviousMasks, prompt_key
 from .projects import project_id
-from .prompts import PromptGroup, Region, group_prompts, parse_regions, result_regions
 from .results import brush_result
 from .settings import BackendSettings
 from .versions import PluginVersions, Serving
@@ -272,9 +273,13 @@ class StableSamBackend:
         return False
 
     def _regions(self, results: Any, source: str) -> List[Region]:
-        """``parse_regions``, refused with 413 past MAX_REGIONS_PER_CONTEXT prompt regions (each
-        rectangle is a mask to decode; keypoints grow one prompt's attention quadratically)."""
-        regions = parse_regions(results, source)
+        """``parse_regions`` (a region it cannot read: 400), refused with 413 past
+        MAX_REGIONS_PER_CONTEXT prompt regions (each rectangle is a mask to decode; keypoints grow
+        one prompt's attention quadratically)."""
+        try:
+            regions = parse_regions(results, source)
+        except RegionError as e:
+            raise BadInput(str(e)) from None
         limit = self.settings.max_regions_per_context
         if len(regions) > limit:
             raise BadInput(f"{source} has {len(regions)} keypoints / rectangles, over MAX_REGIONS_PER_CONTEXT "

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 from tqdm import tqdm
 
+from stable_sam.data.label_studio_prompts import PROMPT_SOURCES, PromptGroup, result_regions
 from stable_sam.model import model_version
 from stable_sam.preannotation.automatic import AutoConfig, automatic_masks
 from stable_sam.preannotation.readahead import ReadAhead
@@ -35,7 +36,6 @@ from .errors import BadInput
 from .label_config import ParsedConfig, parse_label_config
 from .label_studio import LabelStudioUnavailable, project_tasks
 from .model import StableSamBackend
-from .prompts import PROMPT_SOURCES, PromptGroup, result_regions
 from .results import brush_result
 
 log = logging.getLogger(__name__)

@@ -92,7 +92,7 @@ def predict_payload(task_id: int, image: str, regions: List[dict], label_config:
 def predict_regions(predictor, regions: List[dict], size: Tuple[int, int]):
     """What the bare ``StableSamPredictor`` (image already set) makes of one object's regions, the
     prompt parsed as the backend parses it: the baseline a click through the app is compared with."""
-    from .prompts import group_prompts, parse_regions  # the backend's own parsing, not a copy
+    from stable_sam.data.label_studio_prompts import group_prompts, parse_regions  # the backend's own parsing
 
     groups, _ = group_prompts(parse_regions(regions), size[0], size[1])
     (g,) = groups

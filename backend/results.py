@@ -8,9 +8,8 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
+from stable_sam.data.label_studio_prompts import PromptGroup
 from stable_sam.model import UNTRAINED_PLUGIN
-
-from .prompts import PromptGroup
 
 
 def brush_result(g: PromptGroup, label: str, from_name: str, to_name: str, pred: Dict[str, Any],

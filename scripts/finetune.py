@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError
+from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError, Reporter, export_dataset, run_adaptation
 from stable_sam.build import MODEL_TYPES, build
-from stable_sam.data.dataset import DatasetError
+from stable_sam.data.dataset import DatasetError, SegmentationDataset
 from stable_sam.data.sources import json_kind, open_dataset
 from stable_sam.distributed import init_from_env
 from stable_sam.download import CheckpointError
 from stable_sam.modeling.plugin import PluginConfig
+from stable_sam.plugin_store import PluginStore, project_scope
 from stable_sam.rts import RTSConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,13 +132,29 @@ def _is_label_studio_export(dataset) -> bool:
         return False
 
 
-def adapt_main(args: argparse.Namespace, command: str) -> int:
-    """Adaptation to a Label Studio project's labels: the backend's training job, from the command line."""
+class LiveProjectError(Exception):
+    """The live project cannot be read (the backend's message: Label Studio unreachable, a bad key,
+    a label config without a brush control)."""
+
+
+def live_project_dataset(args: argparse.Namespace) -> SegmentationDataset:
+    """A live project's labels, read as the backend's training job reads them (the server layer
+    talks to Label Studio; an export needs only the library)."""
     from backend.errors import BadInput
     from backend.settings import BackendSettings
-    from backend.training import Reporter, export_dataset, project_dataset, run_adaptation
-    from stable_sam.plugin_store import PluginStore, project_scope
+    from backend.training import project_dataset
 
+    settings = BackendSettings(label_studio_url=args.label_studio_url.rstrip("/"),
+                               label_studio_api_key=os.environ.get("LABEL_STUDIO_API_KEY", "").strip())
+    try:
+        return project_dataset(settings, args.project)
+    except BadInput as e:
+        raise LiveProjectError(e.message) from None
+
+
+def adapt_main(args: argparse.Namespace, command: str) -> int:
+    """Adaptation to a Label Studio project's labels (a JSON export, or the live project): the
+    backend's training job, from the command line."""
     scope = args.scope or (project_scope(args.project) if args.project is not None else None)
     try:
         if args.store is None and args.out is None:
@@ -147,12 +164,8 @@ def adapt_main(args: argparse.Namespace, command: str) -> int:
             raise ValueError("--store needs --project (scope project-<N>) or --scope")
         cfg = AdaptationConfig(holdout=args.holdout, init=args.init, noise=args.eval_noise, seed=args.seed)
         rts, plugin_cfg = _configs(args)
-        if args.dataset is not None:
-            dataset = export_dataset(Path(args.dataset), args.image_root)
-        else:
-            settings = BackendSettings(label_studio_url=args.label_studio_url.rstrip("/"),
-                                       label_studio_api_key=os.environ.get("LABEL_STUDIO_API_KEY", "").strip())
-            dataset = project_dataset(settings, args.project)
+        dataset = (export_dataset(Path(args.dataset), args.image_root) if args.dataset is not None
+                   else live_project_dataset(args))
         model = build(args.model_type, sam_checkpoint=args.checkpoint, plugin_checkpoint=args.plugin,
                       device=args.device, model_dir=args.model_dir)
         store = PluginStore(args.store, model.model_id) if args.store is not None else None
@@ -160,8 +173,8 @@ def adapt_main(args: argparse.Namespace, command: str) -> int:
                                 scope=scope, out=None if store else args.out, rts=rts, cfg=cfg, plugin_config=plugin_cfg,
                                 activate=not args.no_activate, extra_summary={"command": command},
                                 progress=not args.no_progress)
-    except BadInput as e:
-        print(f"error: {e.message}", file=sys.stderr)
+    except LiveProjectError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except (DatasetError, CheckpointError, AdaptationError, ValueError, RuntimeError) as e:
         print(f"error: {e} (no plugin written)", file=sys.stderr)

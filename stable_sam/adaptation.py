@@ -9,26 +9,38 @@ object when the sample has it (``Sample.prompts``), else ``noisy_boxes`` DN-DETR
 
 Bad items (an image that cannot be fetched, a corrupt mask) are skipped and listed, not fatal:
 one broken task must not stop a project's training.
+
+``run_adaptation`` is the whole workflow without a server: start from the plugin a store scope
+serves (or the model's own), ``adapt``, write the new version atomically into the store (and point
+the scope at it) or to a file. ``export_dataset`` reads a Label Studio JSON export with the
+annotators' prompts. The backend's training job runs the same workflow on a live project's labels
+(``backend/training.py``); ``scripts/finetune.py`` runs it on an export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .checkpoint import save_plugin
 from .data.dataset import DatasetError, Sample, SegmentationDataset, Subset
+from .data.label_studio_export import LabelStudioExport
+from .data.label_studio_prompts import annotation_prompts
 from .evaluation import prompt_rng
 from .metrics import mask_iou
-from .model import StableSam
+from .model import StableSam, model_version
 from .modeling.plugin import PluginConfig, StableSamPlugin
+from .plugin_store import PluginStore
 from .predictor import PromptError, StableSamPredictor
 from .prompts import noisy_box
-from .rts import RTSConfig, train_plugin
+from .rts import RTSConfig, plugin_version, train_plugin
 
 INIT_MODES = ("current", "fresh")
 
@@ -172,3 +184,74 @@ def adapt(model: StableSam, dataset: SegmentationDataset, current: StableSamPlug
                     "heldout": heldout, "skipped": dict(data.skipped),
                     "minutes_total": round((time.time() - start) / 60, 3)})
     return AdaptationResult(plugin, summary)
+
+
+# -- the workflow ----------------------------------------------------------------------------------
+
+def export_dataset(export_file: Path, image_root: Optional[Path] = None) -> LabelStudioExport:
+    """A Label Studio JSON export with its images on disk (default: beside the export), each
+    mask's prompt rebuilt from its annotation as for a live project (``annotation_prompts``)."""
+    return LabelStudioExport(export_file, image_root if image_root is not None else Path(export_file).parent,
+                             prompts_for=annotation_prompts)
+
+
+class Reporter:
+    """Where a run reports: log lines, phases, training steps; ``committing()`` wraps the write
+    of the new version. This one prints; the backend's job reporter also keeps a status file."""
+
+    def __init__(self, echo: Callable[[str], None] = print) -> None:
+        self.echo = echo
+
+    def log(self, message: str) -> None:
+        self.echo(message)
+
+    def phase(self, name: str, info: Optional[Dict[str, Any]] = None) -> None:
+        self.echo(f"phase: {name}")
+
+    def step(self, step: int, steps: int, loss: Optional[float]) -> None:
+        pass
+
+    def committing(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def starting_plugin(model: StableSam, store: Optional[PluginStore], scope: Optional[str]
+                    ) -> Tuple[StableSamPlugin, str]:
+    """The plugin the scope serves now (its current version, else the model's default one)."""
+    current = store.current(scope) if store is not None and scope else None
+    if current is not None:
+        return store.load(scope, current, model_type=model.model_type).plugin.to(model.device), current
+    return model.plugin, model.plugin_version
+
+
+def run_adaptation(model: StableSam, dataset: SegmentationDataset, reporter: Reporter, *,
+                   store: Optional[PluginStore] = None, scope: Optional[str] = None, out: Optional[Path] = None,
+                   rts: RTSConfig = RTSConfig(), cfg: AdaptationConfig = AdaptationConfig(), activate: bool = True,
+                   plugin_config: Optional[PluginConfig] = None, extra_summary: Optional[Dict[str, Any]] = None,
+                   progress: bool = False) -> Dict[str, Any]:
+    """Adapt, then write the new version: into ``store`` under ``scope`` (activated unless
+    ``activate`` is False) or to the file ``out``. Returns what a status / --json shows."""
+    if (store is None) == (out is None):
+        raise ValueError("give a store (and scope) or an output file")
+    current, current_version = starting_plugin(model, store, scope)
+    reporter.log(f"adapting {current_version} ({cfg.init} start) on {model.version} ({model.device}); "
+                 f"data: {dataset.description}")
+    result = adapt(model, dataset, current, rts, cfg, plugin_config, progress=progress, log=reporter.log,
+                   on_phase=reporter.phase, on_step=reporter.step)
+    version = plugin_version(result.plugin)
+    summary = {**result.summary, "previous_version": current_version, "scope": scope,
+               "source": dataset.description, **(extra_summary or {})}
+    reporter.phase("saving", {"step": summary["steps"], "steps": summary["steps"]})
+    base = {"model_type": model.model_type, "model_id": model.model_id}
+    with reporter.committing():  # a cancel now waits: the version is written and activated whole
+        if store is not None:
+            path = store.save(scope, result.plugin, version, base, summary)
+            if activate:
+                store.activate(scope, version)
+        else:
+            path = save_plugin(result.plugin, out, version, base, summary)
+    reporter.log(f"plugin {version} written to {path}" + (" and activated" if store is not None and activate else ""))
+    return {"version": version, "model_version": model_version(model.model_id, version), "path": str(path),
+            "activated": bool(store is not None and activate), "previous_version": current_version,
+            "heldout": summary["heldout"], "images": summary["images"], "objects": summary["objects"],
+            "prompt_kinds": summary["prompt_kinds"], "skipped": summary["skipped"], "minutes": summary["minutes_total"]}

@@ -26,13 +26,13 @@ from backend.jobs import JobManager
 from backend.model import StableSamBackend
 from backend.projects import project_id
 from backend.settings import BackendSettings, SettingsError
-from backend.training import annotation_prompts
 from backend_helpers import (RECOMMENDED_CONFIG, brush_result, centroid, drawn_scene, iou, keypoint, loosen, rectangle,
                              result_mask)
 from stable_sam.adaptation import AdaptationConfig, AdaptationError, adapt, holdout_split
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import ObjectPrompt, Sample, SegmentationDataset
 from stable_sam.data.label_studio_export import LabelStudioTasks
+from stable_sam.data.label_studio_prompts import annotation_prompts
 from stable_sam.modeling.plugin import StableSamPlugin
 from stable_sam.plugin_store import PluginStore, StoreError
 from stable_sam.predictor import StableSamPredictor
@@ -358,9 +358,9 @@ def test_settings_and_project_ids(monkeypatch):
 
 FAKE_JOB = textwrap.dedent("""
     import os, signal, sys, time
-    from backend.training import Cancelled, Reporter, job_status_path, utc_now
+    from backend.training import Cancelled, JobReporter, job_status_path, utc_now
     job_id, seconds = sys.argv[1], float(sys.argv[2])
-    r = Reporter(job_status_path(os.environ["MODEL_DIR"], job_id), echo=lambda s: None)
+    r = JobReporter(job_status_path(os.environ["MODEL_DIR"], job_id), echo=lambda s: None)
     signal.signal(signal.SIGTERM, r.on_sigterm)
     r.update(phase="training", pid=os.getpid())
     try:

@@ -171,7 +171,7 @@ def test_a_corrective_click_refines_the_previous_mask_within_its_project(images,
 
 
 def test_region_details_show_routing_weights_only_for_a_trained_plugin():
-    from backend.prompts import PromptGroup
+    from stable_sam.data.label_studio_prompts import PromptGroup
     from backend.results import brush_result
 
     g = PromptGroup("image", None, [(5.0, 5.0)], [1], label="Object", source_ids=["k1"], source_from_name="kp")

@@ -589,7 +589,7 @@ def test_image_cache_keeps_to_its_budget(settings, scenes):
 
 
 def test_prompt_grouping_rules():
-    from backend.prompts import group_prompts, parse_regions, result_regions
+    from stable_sam.data.label_studio_prompts import group_prompts, parse_regions, result_regions
 
     size = (200, 100)
     big = rectangle((0, 0, 200, 100), size, rid="big")

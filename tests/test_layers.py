@@ -140,3 +140,18 @@ def test_the_check_sees_imports():
     assert "backend.training" in g["stable_sam_cli.finetune"]  # imported inside a function
     assert "stable_sam.data.dataset" in g["stable_sam.data.coco"]
     assert cycles({"a.x": {"a.y"}, "a.y": {"a.x"}, "a": set()}, "a") == [["a.x", "a.y"]]
+
+
+def test_finetune_reads_an_export_with_the_library_alone():
+    """scripts/finetune.py imports the server layer only in the function that reads a live project."""
+    tree = ast.parse((PACKAGES["stable_sam_cli"] / "finetune.py").read_text())
+
+    def backend_imports(nodes) -> List[str]:
+        nodes = list(nodes)
+        names = [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)]
+        return [m for m in names if layer(m) == "backend"]
+
+    assert backend_imports(tree.body) == []
+    reading = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and backend_imports(ast.walk(f))}
+    assert reading == {"live_project_dataset"}

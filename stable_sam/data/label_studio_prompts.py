@@ -1,4 +1,4 @@
-"""Label Studio regions -> SAM prompts.
+"""Label Studio regions -> SAM prompts: the backend's clicks and boxes, and an annotation's own.
 
 Label Studio sends smart keypoints and rectangles as results in percent (0-100) of the image's
 ``original_width`` x ``original_height``. Here they are validated, converted to pixels of the image
@@ -9,16 +9,26 @@ the model sees, and grouped into prompts, one mask each:
 - keypoints outside every rectangle together make one more prompt, when one of them is positive.
 
 A keypoint is positive unless ``is_positive`` is false (smart regions, Alt-click) or
-``value.positive`` is false (newer frontends).
+``value.positive`` is false (newer frontends). A region that cannot be read is a ``RegionError``
+that says which and why (the backend answers it with a 400).
+
+``annotation_prompts`` rebuilds, for an annotation's brush masks, the prompts the annotator drew:
+what adaptation trains and measures with.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import BadInput, clip
+import numpy as np
+
+from ..echo import clip
+from ..prompts import ObjectPrompt, mask_to_box
+
+log = logging.getLogger(__name__)
 
 KEYPOINT_TYPES = ("keypointlabels", "keypoint")
 RECTANGLE_TYPES = ("rectanglelabels", "rectangle")
@@ -31,6 +41,10 @@ MAX_IMAGE_SIDE = 2**31 - 1
 REGION_ID_CHARS = 100  # a longer region id is cut (Label Studio's are about 10 characters)
 # Label Studio's frontend can report an edge a hair beyond 100 %; more than this is an error.
 PERCENT_TOLERANCE = 0.01
+
+
+class RegionError(ValueError):
+    """A region that cannot be read as a keypoint or rectangle prompt; the message says why."""
 
 
 @dataclass
@@ -98,20 +112,20 @@ class PromptGroup:
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or value is None:
-        raise BadInput(f"{what} must be a number, got {clip(value)}")
+        raise RegionError(f"{what} must be a number, got {clip(value)}")
     try:
         out = float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
-        raise BadInput(f"{what} must be a number (a finite float), got {clip(value)}") from None
+        raise RegionError(f"{what} must be a number (a finite float), got {clip(value)}") from None
     if not math.isfinite(out):
-        raise BadInput(f"{what} is {clip(value)}: coordinates must be finite numbers in 0..100 (percent)")
+        raise RegionError(f"{what} is {clip(value)}: coordinates must be finite numbers in 0..100 (percent)")
     return out
 
 
 def _percent(value: Any, what: str) -> float:
     out = _number(value, what)
     if out < -PERCENT_TOLERANCE or out > 100 + PERCENT_TOLERANCE:
-        raise BadInput(f"{what} = {out} is outside 0..100: Label Studio coordinates are percent of the image")
+        raise RegionError(f"{what} = {out} is outside 0..100: Label Studio coordinates are percent of the image")
     return min(max(out, 0.0), 100.0)
 
 
@@ -120,14 +134,14 @@ def _size(value: Any, what: str) -> Optional[int]:
         return None
     out = _number(value, what)
     if out < 1 or out != int(out) or out > MAX_IMAGE_SIDE:
-        raise BadInput(f"{what} = {clip(value)} must be a whole number of pixels in 1..{MAX_IMAGE_SIDE}")
+        raise RegionError(f"{what} = {clip(value)} must be a whole number of pixels in 1..{MAX_IMAGE_SIDE}")
     return int(out)
 
 
 def parse_region(item: Any, index: int) -> Optional[Region]:
     """A result dict -> Region, or None when it is not a keypoint / rectangle (ignored)."""
     if not isinstance(item, dict):
-        raise BadInput(f"context.result[{index}] must be an object, got {type(item).__name__}")
+        raise RegionError(f"context.result[{index}] must be an object, got {type(item).__name__}")
     rtype = item.get("type")
     rtype = rtype.lower() if isinstance(rtype, str) else ""
     if rtype not in PROMPT_TYPES:
@@ -138,13 +152,13 @@ def parse_region(item: Any, index: int) -> Optional[Region]:
     where = f"context.result[{index}] ({rtype} {rid[:40]})"
     value = item.get("value")
     if not isinstance(value, dict):
-        raise BadInput(f"{where}: 'value' must be an object")
+        raise RegionError(f"{where}: 'value' must be an object")
     from_name, to_name = item.get("from_name"), item.get("to_name")
     if not isinstance(from_name, str) or not from_name or not isinstance(to_name, str) or not to_name:
-        raise BadInput(f"{where}: 'from_name' and 'to_name' are required strings")
+        raise RegionError(f"{where}: 'from_name' and 'to_name' are required strings")
     labels = value.get(rtype) if rtype.endswith("labels") else None
     if labels is not None and not (isinstance(labels, list) and all(isinstance(v, str) for v in labels)):
-        raise BadInput(f"{where}: value.{rtype} must be a list of label strings")
+        raise RegionError(f"{where}: value.{rtype} must be a list of label strings")
     positive = not (item.get("is_positive") is False or value.get("positive") is False)
     kind = "keypoint" if rtype in KEYPOINT_TYPES else "rectangle"
     region = Region(
@@ -159,21 +173,21 @@ def parse_region(item: Any, index: int) -> Optional[Region]:
         region.height = _number(value.get("height"), f"{where}: height")
         region.rotation = _number(value.get("rotation", 0) or 0, f"{where}: rotation")
         if region.width <= 0 or region.height <= 0:
-            raise BadInput(f"{where}: zero-size rectangle (width {region.width}, height {region.height} percent)")
+            raise RegionError(f"{where}: zero-size rectangle (width {region.width}, height {region.height} percent)")
         if region.rotation % 360 == 0:
             region.rotation = 0.0
             for what, edge in (("x + width", region.x + region.width), ("y + height", region.y + region.height)):
                 if edge > 100 + PERCENT_TOLERANCE:
-                    raise BadInput(f"{where}: {what} = {edge:g} is outside 0..100 (percent of the image)")
+                    raise RegionError(f"{where}: {what} = {edge:g} is outside 0..100 (percent of the image)")
         x0, y0, x1, y1 = region.box_percent()
         if x1 - x0 <= 0 or y1 - y0 <= 0:
-            raise BadInput(f"{where}: rectangle lies outside the image")
+            raise RegionError(f"{where}: rectangle lies outside the image")
     return region
 
 
 def parse_regions(results: Any, source: str = "context.result") -> List[Region]:
     if not isinstance(results, list):
-        raise BadInput(f"{source} must be a list of regions, got {type(results).__name__}")
+        raise RegionError(f"{source} must be a list of regions, got {type(results).__name__}")
     return [r for r in (parse_region(item, i) for i, item in enumerate(results)) if r is not None]
 
 
@@ -244,3 +258,84 @@ def result_regions(task: Dict[str, Any], sources: Sequence[str] = PROMPT_SOURCES
                                                 in PROMPT_TYPES for r in result):
                 return result, f"{kind[:-1]} {clip(item.get('id', '?'), 40)}"
     return [], f"the task has no keypoint or rectangle in its {' or '.join(sources)}"
+
+
+# -- an annotation's own prompts -------------------------------------------------------------------
+
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def annotation_prompts(results: List[Dict[str, Any]], brush: List[Dict[str, Any]],
+                       masks: List[np.ndarray]) -> List[Optional[ObjectPrompt]]:
+    """One prompt (or None) per brush mask, rebuilt from the annotation's rectangles / keypoints.
+
+    Regions are grouped as the backend groups them for /predict (a keypoint inside a rectangle
+    refines it). A group is matched to a mask by the backend's own link first (its brush results
+    have id ``<first prompt id>_sam``), else by geometry: a rectangle goes to the mask whose tight
+    box it overlaps most (IoU, each mask and rectangle used once); a free positive keypoint to the
+    smallest mask containing it; a free negative keypoint to the mask of the nearest positive one.
+    """
+    out: List[Optional[ObjectPrompt]] = [None] * len(masks)
+    if not masks:
+        return out
+    h, w = masks[0].shape
+    try:
+        groups, _ = group_prompts(parse_regions(results, "annotation"), w, h)
+    except RegionError as e:  # a malformed region: the masks still train, with RTS prompts only
+        log.info("annotation prompts ignored: %s", e)
+        return out
+    link = {str(r.get("id", ""))[:-4]: k for k, r in enumerate(brush) if str(r.get("id", "")).endswith("_sam")}
+    boxes = [mask_to_box(m).tolist() for m in masks]
+    points: Dict[int, List[Tuple[Tuple[float, float], int, str]]] = {}
+    chosen: Dict[int, PromptGroup] = {}
+
+    rects = [g for g in groups if g.box is not None]
+    pairs = []
+    for gi, g in enumerate(rects):
+        if g.source_ids[0] in link:
+            pairs.append((2.0, gi, link[g.source_ids[0]]))  # above any IoU: the backend's own link
+        else:
+            pairs += [(_box_iou(g.box, b), gi, k) for k, b in enumerate(boxes)]
+    used = set()
+    for score, gi, k in sorted(pairs, key=lambda p: -p[0]):
+        if score > 0 and gi not in used and k not in chosen:
+            used.add(gi)
+            chosen[k] = rects[gi]
+
+    free = next((g for g in groups if g.box is None), None)
+    if free is not None:
+        items = list(zip(free.source_ids, free.points, free.point_labels))
+        matched: List[Tuple[Tuple[float, float], int]] = []
+        for rid, (x, y), label in items:
+            if not label:
+                continue
+            k = link.get(rid)
+            if k is None:
+                xi, yi = min(int(x), w - 1), min(int(y), h - 1)
+                holders = [k for k, m in enumerate(masks) if m[yi, xi]]
+                k = min(holders, key=lambda k: masks[k].sum()) if holders else None
+            if k is not None:
+                points.setdefault(k, []).append(((x, y), 1, rid))
+                matched.append(((x, y), k))
+        for rid, (x, y), label in items:
+            if label or not matched:
+                continue
+            _, k = min(matched, key=lambda m: (m[0][0] - x) ** 2 + (m[0][1] - y) ** 2)
+            points.setdefault(k, []).append(((x, y), 0, rid))
+
+    for k in range(len(masks)):
+        g = chosen.get(k)
+        pts = ([(p, lab, rid) for p, lab, rid in zip(g.points, g.point_labels, g.source_ids[1:])] if g else [])
+        pts += points.get(k, [])
+        if g is None and not any(lab for _, lab, _ in pts):
+            continue  # negatives alone are no prompt
+        out[k] = ObjectPrompt(box=None if g is None else np.array(g.box),
+                              points=np.array([p for p, _, _ in pts]) if pts else None,
+                              labels=np.array([lab for _, lab, _ in pts]) if pts else None,
+                              source=",".join(([g.source_ids[0]] if g else []) + [rid for _, _, rid in pts]))
+    return out
