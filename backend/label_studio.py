@@ -1,7 +1,7 @@
 """Label Studio's API for the jobs that read a whole project: training and batch pre-annotation.
 
 A client from label-studio-sdk (``LabelStudio`` handles both a legacy token and a personal access
-token) and a project's tasks as plain dicts, in the shape of a JSON export (``data``,
+token: it exchanges the latter at /api/token/refresh/ and reuses the access token until it expires) and a project's tasks as plain dicts, in the shape of a JSON export (``data``,
 ``annotations``, ``predictions``), so the same code reads an export file and a live project.
 """
 
@@ -27,8 +27,11 @@ def connect(url: str, api_key: str, timeout: float = 60.0):
     if not url or not api_key:
         raise LabelStudioUnavailable("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a legacy token or a personal "
                                      "access token) so the backend can read the project's labels")
-    client = LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
     try:
+        # The trailing slash keeps a path prefix (http://host/label-studio/) in the SDK's token
+        # refresh URL, which it joins with urljoin; its other calls strip it. The client itself
+        # raises for an expired personal access token, so it is made inside the try.
+        client = LabelStudio(base_url=url.rstrip("/") + "/", api_key=api_key, timeout=timeout)
         client.users.whoami()
     except Exception as e:  # httpx errors, ApiError with a status code, ...
         code = getattr(e, "status_code", None)
