@@ -1,4 +1,11 @@
-"""Official SAM checkpoints: known URLs and SHA-256, downloaded into ``MODEL_DIR`` with a check."""
+"""Official SAM checkpoints: known URLs and SHA-256, downloaded into ``MODEL_DIR`` with a check.
+
+Not ``torch.hub.download_url_to_file``: it does the rest of this (a temporary file moved into place,
+the SHA-256 through ``hash_prefix``, a tqdm bar), but opens the URL with no timeout and takes none,
+short of the process-wide socket default, which would change every other connection of the server.
+A stalled download would then hold the loading thread and the first /predict until gunicorn kills
+the worker, where here it is a CheckpointError (a 503 saying where to get the file) after ``timeout``.
+"""
 
 from __future__ import annotations
 

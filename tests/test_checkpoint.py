@@ -113,6 +113,26 @@ def test_corrupt_download_is_rejected(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stalled_download_fails_after_the_timeout(tmp_path, monkeypatch):
+    """Why stable_sam/download.py is not torch.hub.download_url_to_file: that one has no timeout."""
+    import socket
+    import time
+    from dataclasses import replace
+
+    server = socket.create_server(("127.0.0.1", 0))  # accepts (the OS does), never answers
+    try:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/sam_vit_b_01ec64.pth"
+        stalled = replace(download.OFFICIAL_CHECKPOINTS["vit_b"], url=url)
+        monkeypatch.setitem(download.OFFICIAL_CHECKPOINTS, "vit_b", stalled)
+        t = time.monotonic()
+        with pytest.raises(CheckpointError, match="timed out"):
+            ensure_official_checkpoint("vit_b", tmp_path, timeout=1.0)
+        assert time.monotonic() - t < 10
+    finally:
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_model_type_and_device():
     with pytest.raises(ValueError, match="unknown SAM model type"):
         build("vit_x", device="cpu")
