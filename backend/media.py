@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 import jwt
@@ -33,6 +33,8 @@ import numpy as np
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_io
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stable_sam.embedding_cache import image_hash
 
 from .errors import BadInput, ImageTooLarge, ImageUnavailable, clip
 from .guarded_fetch import AddressGuard, Download, LimitedSession, short_url
@@ -152,21 +154,22 @@ class _pil_limit:
 
 
 class ImageLoader:
-    """url (+ task id) -> decoded image, with a small TTL cache keyed by the URL."""
+    """url (+ task id) -> decoded image and its content hash, with a small TTL cache keyed by the
+    URL. Embeddings are not kept here: the model's cache holds them by that content hash."""
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
         self.tokens = TokenSource(settings.label_studio_url, settings.label_studio_api_key, settings.fetch_timeout_s)
         self.guard = AddressGuard(settings)
         self.max_bytes = int(settings.max_image_mb * 2**20)
-        self._cache: "OrderedDict[Tuple[str, Any], Tuple[float, np.ndarray, Dict[str, Any]]]" = OrderedDict()
+        self._cache: "OrderedDict[Tuple[str, Any], Tuple[float, np.ndarray, str]]" = OrderedDict()
         self._lock = threading.Lock()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
 
     # -- cache -----------------------------------------------------------------------------------
-    def cached(self, url: str, task_id: Any) -> Optional[Tuple[np.ndarray, Dict[str, Any]]]:
+    def cached(self, url: str, task_id: Any) -> Optional[Tuple[np.ndarray, str]]:
         key = (url, task_id if ls_io.is_cloud_storage_uri(url) else None)
         with self._lock:
             item = self._cache.get(key)
@@ -177,7 +180,7 @@ class ImageLoader:
             self.hits += 1
             return item[1], item[2]
 
-    def _remember(self, url: str, task_id: Any, image: np.ndarray, extra: Dict[str, Any]) -> None:
+    def _remember(self, url: str, task_id: Any, image: np.ndarray, digest: str) -> None:
         budget = self.settings.image_cache_mb * 2**20
         if self.settings.image_cache_items <= 0 or image.nbytes > budget:
             return
@@ -186,16 +189,15 @@ class ImageLoader:
             old = self._cache.pop(key, None)
             if old is not None:
                 self._bytes -= old[1].nbytes
-            self._cache[key] = (time.monotonic(), image, extra)
+            self._cache[key] = (time.monotonic(), image, digest)
             self._bytes += image.nbytes
             while len(self._cache) > self.settings.image_cache_items or self._bytes > budget:
                 _, (_, dropped, _) = self._cache.popitem(last=False)
                 self._bytes -= dropped.nbytes
 
-    def load(self, url: Any, task_id: Any = None,
-             on_loaded: Optional[Callable[[np.ndarray], Dict[str, Any]]] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
-        """The image for ``url`` and a dict ``on_loaded(image)`` attached to it in the cache (the
-        backend keeps the image's embedding there, so a repeated click is decoder-only)."""
+    def load(self, url: Any, task_id: Any = None) -> Tuple[np.ndarray, str]:
+        """The image for ``url`` and its content hash (``image_hash``, computed once per download:
+        the model's embedding cache is keyed by it, so a repeated click is decoder-only)."""
         if not isinstance(url, str) or not url.strip():
             raise BadInput(f"the task's image URL must be a non-empty string, got {clip(url)}")
         url = url.strip()
@@ -210,9 +212,9 @@ class ImageLoader:
         if hit is not None:
             return hit
         image = decode_image(self._fetch(url, task_id), self.settings.max_image_pixels, f"image {short_url(url)}")
-        extra = on_loaded(image) if on_loaded else {}
-        self._remember(url, task_id, image, extra)
-        return image, extra
+        digest = image_hash(image)
+        self._remember(url, task_id, image, digest)
+        return image, digest
 
     # -- fetching --------------------------------------------------------------------------------
     def _local_path(self, path: str, relative: bool = False) -> Path:

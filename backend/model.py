@@ -261,7 +261,7 @@ class StableSamBackend:
     def _encode_ahead(self, url: str, task_id: Any) -> None:
         t = time.perf_counter()
         model = self.model  # the first task opened also loads the model, off the request
-        self.images.load(url, task_id, on_loaded=lambda im: self._embed(model, im))
+        model.embed(*self.images.load(url, task_id))
         log.info("task %s: image prefetched and encoded in %.2f s", clip(task_id, 40), time.perf_counter() - t)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -286,9 +286,6 @@ class StableSamBackend:
                            f"({limit})", status=413)
         return regions
 
-    def _embed(self, model: StableSam, image: np.ndarray) -> Dict[str, Any]:
-        return {"embedding": model.embed(image), "model_id": model.model_id}
-
     def _predict_task(self, model: StableSam, plugin: Optional[StableSamPlugin], plugin_version: str,
                       cfg: ParsedConfig, task: Dict[str, Any], regions: Sequence[Region],
                       memory_scope: Optional[Tuple[Any, ...]] = None) -> Dict[str, Any]:
@@ -304,10 +301,8 @@ class StableSamBackend:
             url = task["data"].get(key) if key else None
             if url is None:
                 raise BadInput(f"task {clip(task.get('id'), 40)} has no data.{key} for image {to_name!r}")
-            image, extra = self.images.load(url, task.get("id"), on_loaded=lambda im: self._embed(model, im))
-            emb = extra.get("embedding") if extra.get("model_id") == model.model_id else None
-            if emb is None:
-                emb = model.embed(image)
+            image, digest = self.images.load(url, task.get("id"))
+            emb = model.embed(image, digest)
             h, w = image.shape[:2]
             groups, notes = group_prompts(regs, w, h)
             for note in notes:

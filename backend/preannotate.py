@@ -203,8 +203,10 @@ class TaskAnnotator:
         if to_name is None:
             raise BadInput(f"the label config's brush images {list(cfg.brush_by_image)} have no data key")
         url = task["data"].get(cfg.image_keys[to_name])
-        # cached by URL with its embedding (as for an interactive click): predict() finds both there
-        image, _ = self.backend.images.load(url, task.get("id"), on_loaded=lambda im: self.backend._embed(self.model, im))
+        # encoded here, ahead of predict() (as for an interactive click), which finds the image in the
+        # URL cache and its embedding in the model's
+        image, digest = self.backend.images.load(url, task.get("id"))
+        self.model.embed(image, digest)
         return image
 
     def plan(self, task: Dict[str, Any]) -> _Plan:

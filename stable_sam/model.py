@@ -96,9 +96,10 @@ class StableSam:
         return self.sam.preprocess(x.float()), tuple(resized.shape[:2])
 
     @torch.inference_mode()
-    def embed(self, image: np.ndarray) -> ImageEmbedding:
-        """Encode an image, or take its embedding from the cache (the encoder runs once per image)."""
-        key = f"{self.model_id}/{image_hash(image)}"
+    def embed(self, image: np.ndarray, content_hash: Optional[str] = None) -> ImageEmbedding:
+        """Encode an image, or take its embedding from the cache (the encoder runs once per image).
+        ``content_hash``: the image's ``image_hash`` when the caller has it (not computed again)."""
+        key = f"{self.model_id}/{content_hash or image_hash(image)}"
         input_size = tuple(self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.image_size))
 
         def compute() -> torch.Tensor:
