@@ -1,8 +1,9 @@
 """Label Studio's API for the jobs that read a whole project: training and batch pre-annotation.
 
 A client from label-studio-sdk (``LabelStudio`` handles both a legacy token and a personal access
-token: it exchanges the latter at /api/token/refresh/ and reuses the access token until it expires) and a project's tasks as plain dicts, in the shape of a JSON export (``data``,
-``annotations``, ``predictions``), so the same code reads an export file and a live project.
+token: it exchanges the latter at /api/token/refresh/ and reuses the access token until it expires)
+and a project's tasks as plain dicts, in the shape of a JSON export (``data``, ``annotations``,
+``predictions``), so the same code reads an export file and a live project.
 """
 
 from __future__ import annotations
