@@ -44,9 +44,12 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_json(obj: Any, path: Union[str, Path]) -> Path:
-    """A JSON file written atomically (status files, version pointers)."""
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+def atomic_write_json(obj: Any, path: Union[str, Path], compact: bool = False) -> Path:
+    """``obj`` as a JSON file written atomically; the argument order of ``json.dump`` and
+    ``torch.save``. Indented for the small files people read (status files, version pointers);
+    ``compact`` for large outputs (a COCO file of thousands of masks)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 PLUGIN_FORMAT = "stable-sam-plugin"

@@ -22,11 +22,11 @@ state and their output does not depend on the order images finish in):
 from .automatic import AutoConfig, automatic_masks
 from .items import InputError, ObjectSpec, WorkItem, WorkList, items_from_coco, items_from_csv, items_from_folder
 from .offline import OfflineSummary, run_offline
-from .output import build_coco, write_json_atomic
+from .output import build_coco
 from .segment import ImageResult, annotate_image
 
 __all__ = [
     "AutoConfig", "automatic_masks", "InputError", "ObjectSpec", "WorkItem", "WorkList", "items_from_coco",
-    "items_from_csv", "items_from_folder", "OfflineSummary", "run_offline", "build_coco", "write_json_atomic",
+    "items_from_csv", "items_from_folder", "OfflineSummary", "run_offline", "build_coco",
     "ImageResult", "annotate_image",
 ]

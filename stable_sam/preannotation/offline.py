@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import atomic_write_json
 from ..data.dataset import DatasetError, load_image
 from ..model import ImageEmbedding, StableSam
 from ..predictor import PromptError
 from .automatic import AutoConfig
 from .items import DEFAULT_LABEL, InputError, WorkItem, WorkList
 from .journal import Journal
-from .output import build_coco, write_json_atomic, write_mask_pngs
+from .output import build_coco, write_mask_pngs
 from .readahead import ReadAhead
 from .segment import annotate_image
 
@@ -216,7 +217,7 @@ def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optiona
         pipeline.close()
         journal.close()
     coco = build_coco(work, journal.records, output_info(model.version, auto))
-    write_json_atomic(output, coco)
+    atomic_write_json(coco, output, compact=True)
     seconds = time.perf_counter() - start
     stages = pipeline.stage_s
     stages["decode_rle_write"] += journal_s

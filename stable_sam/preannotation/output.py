@@ -8,7 +8,6 @@ workers that produced the same records writes the same bytes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Sequence
 
@@ -40,11 +39,6 @@ def build_coco(work: WorkList, records: Mapping[int, Dict[str, Any]], info: Dict
                                "stability": obj["stability"], "alpha": obj["alpha"]},
             })
     return {"info": info, "images": images, "annotations": annotations, "categories": list(work.categories)}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as compact JSON to ``path`` atomically: readers see the old file or the new one."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, separators=(",", ":")).encode()))
 
 
 def mask_png_paths(png_dir: Path, file_name: str, count: int) -> List[Path]:

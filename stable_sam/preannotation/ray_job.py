@@ -44,13 +44,14 @@ from typing import (Any, Callable, Deque, Dict, Generic, Iterable, Iterator, Lis
 
 from tqdm import tqdm
 
+from ..checkpoint import atomic_write_json
 from ..model import StableSam
 from ..settings import REPO_ROOT
 from .automatic import AutoConfig
 from .items import DEFAULT_LABEL, InputError, WorkItem, WorkList
 from .journal import Journal
 from .offline import (ImagePipeline, OfflineSummary, journal_path, output_info, prepare_work, run_key)
-from .output import build_coco, write_json_atomic
+from .output import build_coco
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +443,7 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
             journal.close()
             summary.retried_shards, summary.lost_workers = pool.retried, pool.lost_workers
         coco = build_coco(work, journal.records, output_info(version, auto))
-        write_json_atomic(output, coco)
+        atomic_write_json(coco, output, compact=True)
     finally:
         stop_workers(ray, actors)
     summary.seconds = time.perf_counter() - run_start
