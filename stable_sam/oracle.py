@@ -25,7 +25,8 @@ from torch import nn
 from .data.dataset import SegmentationDataset
 from .model import StableSam
 from .modeling.plugin import StableSamPlugin
-from .rts import RTSConfig, _prepare, lr_scheduler, plugin_param_groups, prompts_loss
+from .lr_schedule import warmup_cosine
+from .rts import RTSConfig, _prepare, plugin_param_groups, prompts_loss
 
 
 def fit(model: StableSam, dataset: SegmentationDataset, groups: List[Dict[str, Any]], cfg: RTSConfig,
@@ -40,7 +41,7 @@ def fit(model: StableSam, dataset: SegmentationDataset, groups: List[Dict[str, A
     samples = [s for s in samples if s.masks]
     steps = len(samples) * cfg.epochs
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = lr_scheduler(opt, steps, cfg)  # RTS's own warm-up + cosine, per group
+    sched = warmup_cosine(opt, steps, cfg.warmup_steps, cfg.min_lr_ratio)  # RTS's schedule, per group
     if plugin is not None:
         plugin.train()
     losses: List[float] = []

@@ -15,7 +15,6 @@ This is *not* Stable-SAM training (see RTS): the noisy prompts that Stable-SAM f
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from .checkpoint import atomic_torch_save
 from .data.synthetic import Scene
 from .data.synthetic_split import world_scenes
 from .losses import bce_dice_loss
+from .lr_schedule import warmup_cosine
 from .metrics import binary_iou
 from .modeling.batched_decode import decode_on_own_images
 from .prompts import error_point, mask_to_box, noisy_box, sample_points, sam_jittered_box
@@ -62,13 +62,6 @@ def image_to_tensor(sam: Sam, image: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 (long side == encoder size) -> normalised, padded 3 x S x S float tensor."""
     x = torch.as_tensor(np.ascontiguousarray(image).copy(), device=sam.device).permute(2, 0, 1).float()
     return sam.preprocess(x[None])[0]
-
-
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def _pad(mask: np.ndarray, size: int) -> np.ndarray:
@@ -211,7 +204,7 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
     train = world_scenes(cfg.world, "train", offset=cfg.seed)
     heldout = world_scenes(cfg.world, "heldout")
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = warmup_cosine(opt, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
     history: List[Dict[str, float]] = []
     first_step, running, minutes_before = 0, 0.0, 0.0
     state_path = training_state_path(out_path)

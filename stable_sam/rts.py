@@ -40,6 +40,7 @@ from .checkpoint import save_plugin
 from .distributed import DataParallelGroup
 from .data.dataset import Sample, SegmentationDataset
 from .losses import bce_dice_loss
+from .lr_schedule import warmup_cosine
 from .model import ImageEmbedding, StableSam
 from .modeling.batched_decode import decode_on_own_images
 from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable, route
@@ -196,26 +197,6 @@ def _prepare(model: StableSam, samples: Sequence[Sample], cfg: RTSConfig, rng: n
     return _Step(embs, targets, prompts)
 
 
-def _lr_factor(step: int, total: int, cfg: RTSConfig) -> float:
-    """Step ``step``'s factor on each group's lr: (step + 1) / warmup_steps during the warm-up, then
-    a cosine from 1 down to ``min_lr_ratio`` at ``total`` steps."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def lr_scheduler(opt: torch.optim.Optimizer, total: int, cfg: RTSConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Warm-up then cosine (``_lr_factor``) on every parameter group, relative to its own lr.
-
-    torch's LinearLR + CosineAnnealingLR in a SequentialLR do not give the same rates, so they are
-    not used (tests/test_rts.py checks the rates step by step): CosineAnnealingLR has one absolute
-    ``eta_min`` for all groups, so the offset group (``offset_lr_scale`` x lr) would decay to the
-    other group's floor; with one group they agree only to about 1e-14 (a recursive update).
-    """
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, cfg))
-
-
 def _usable(dataset: SegmentationDataset) -> Callable[[int], Optional[Sample]]:
     def get(i: int) -> Optional[Sample]:
         s = dataset[int(i)]
@@ -266,7 +247,7 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
     n = len(dataset)
     steps_per_epoch = math.ceil(n / (cfg.images_per_step * ddp.world))
     total_steps = steps_per_epoch * cfg.epochs
-    sched = lr_scheduler(opt, total_steps, cfg)
+    sched = warmup_cosine(opt, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
     get = _usable(dataset)
 
     probe_samples = [s for s in (get(i) for i in range(min(cfg.probe_images, n))) if s is not None]

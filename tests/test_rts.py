@@ -237,12 +237,12 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_on_each_groups_own_lr(warmup
     at the other group's floor: 3.3 x its own with scale 0.3), and with one group
     they agree only to about 1e-14 (CosineAnnealingLR's recursive update), not exactly.
     """
-    from stable_sam.rts import lr_scheduler
+    from stable_sam.lr_schedule import warmup_cosine
 
     cfg = RTSConfig(warmup_steps=warmup, lr=3e-3, min_lr_ratio=0.1, offset_lr_scale=scale)
     base = [cfg.lr, cfg.lr * scale]
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in base])
-    sched = lr_scheduler(opt, total, cfg)
+    sched = warmup_cosine(opt, total, cfg.warmup_steps, cfg.min_lr_ratio)
     for k in range(total):
         if k < warmup:
             factor = (k + 1) / warmup
