@@ -1,4 +1,9 @@
-"""A small thread-safe LRU cache bounded in entries and in bytes (label configs, plugins)."""
+"""A small thread-safe LRU cache bounded in entries and in bytes (label configs, plugins).
+
+Not ``cachetools.LRUCache``: it bounds one measure (``maxsize`` of summed ``getsizeof``), not a
+count and a byte budget together, raises for an entry over the budget instead of passing it on
+uncached, and has no lock of its own; the wrapper that would add those is as long as this class.
+"""
 
 from __future__ import annotations
 
