@@ -3,7 +3,8 @@
 - no import cycles among stable_sam's modules, nor among backend's (imports inside functions count
   too: a lazy import that closes a cycle is still a cycle);
 - stable_sam never imports backend, scripts (``stable_sam_cli``) or tests;
-- backend never imports scripts or tests; a script never imports tests or another script.
+- backend never imports scripts or tests; a script never imports tests or another script;
+- scripts/finetune.py adapts an export with the library alone (the backend only reads a live project).
 """
 
 from __future__ import annotations
