@@ -13,7 +13,7 @@ from segment_anything.modeling import Sam
 from .checkpoint import load_plugin
 from .download import OFFICIAL_CHECKPOINTS, CheckpointError, ensure_official_checkpoint, file_sha256
 from .embedding_cache import EmbeddingCache
-from .model import StableSam
+from .model import UNTRAINED_PLUGIN, StableSam
 from .modeling.plugin import StableSamPlugin
 from .modeling.sam_tiny import build_sam_tiny
 from .settings import SAM_TINY_CHECKPOINT, ModelSettings
@@ -101,7 +101,7 @@ def build(model_type: str = "sam_tiny", sam_checkpoint: Optional[Union[str, Path
         loaded = load_plugin(plugin_checkpoint, model_type=model_type)
         plugin, version = loaded.plugin, loaded.version
     else:
-        plugin, version = StableSamPlugin(), "init"
+        plugin, version = StableSamPlugin(), UNTRAINED_PLUGIN
     log.info("serving SAM %s from %s with plugin %s on %s", model_type, ckpt, version, dev)
     return StableSam(sam, plugin, model_type, model_id, dev, version, cache)
 

@@ -160,10 +160,9 @@ class BenchmarkResult:
 def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[str, Optional[StableSamPlugin]],
              cfg: ProtocolConfig = ProtocolConfig(), progress: bool = True) -> BenchmarkResult:
     """Run the protocol for every entry of ``plugins`` (name -> plugin, None = plain SAM) on every
-    object of ``dataset``, all models on the same prompts. The model's own plugin is restored."""
+    object of ``dataset``, all models on the same prompts; each image is encoded once."""
     start = time.time()
-    predictor = StableSamPredictor(model, max_batch=128)
-    saved_plugin, saved_version = model.plugin, model.plugin_version
+    predictors = {name: StableSamPredictor(model, max_batch=128, plugin=p) for name, p in plugins.items()}
     per_object = {name: {t: {"iou": [], "biou": [], "stability": [], "alpha": []} for t in cfg.prompt_types}
                   for name in plugins}
     cases: List[Case] = []
@@ -177,7 +176,9 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                 continue
             images += 1
             objects += len(sample.masks)
-            predictor.set_image(sample.image)
+            embedding = model.embed(sample.image)
+            for predictor in predictors.values():
+                predictor.set_embedding(embedding)
             for t in cfg.prompt_types:
                 prompts = [protocol_prompts(m, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
                            for j, m in enumerate(sample.masks)]
@@ -188,7 +189,7 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                                       None if prompts[0].boxes is None else prompts[0].boxes[0],
                                       None if prompts[0].points is None else prompts[0].points[0])]
                 for name, plugin in plugins.items():
-                    masks, alpha = predict_protocol(model, predictor, prompts, t, plugin)
+                    masks, alpha = predict_protocol(predictors[name], prompts, t, use_plugin=plugin is not None)
                     offsets = np.cumsum([0] + counts)
                     for j, gt in enumerate(sample.masks):
                         mj = masks[offsets[j]:offsets[j + 1]]
@@ -203,26 +204,24 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                         case.ious[name] = float(mask_iou(masks[offsets[j]], case.gt))
                 cases += new_cases
     finally:
-        model.set_plugin(saved_plugin, saved_version)
         for meter in meters.values():
             meter.close()
     return BenchmarkResult(per_object, cases, images, objects, time.time() - start, cfg,
                            {name: m.summary() for name, m in meters.items()})
 
 
-def predict_protocol(model: StableSam, predictor: StableSamPredictor, prompts: Sequence[Prompts], prompt_type: str,
-             plugin: Optional[StableSamPlugin]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """All objects' prompts of one type in batched decoder calls -> masks N x H x W, alpha N x 2."""
-    if plugin is not None:
-        model.set_plugin(plugin, "benchmark")
+def predict_protocol(predictor: StableSamPredictor, prompts: Sequence[Prompts], prompt_type: str,
+                     use_plugin: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """All objects' prompts of one type in batched decoder calls, with the predictor's plugin or
+    plain SAM -> masks N x H x W, alpha N x 2 (None for plain SAM)."""
     multimask = prompt_type == "point1_multimask"
     if prompts[0].boxes is not None:
         out = predictor.predict(box=np.concatenate([p.boxes for p in prompts]), multimask_output=multimask,
-                                use_plugin=plugin is not None)
+                                use_plugin=use_plugin)
     else:
         pts = np.concatenate([p.points for p in prompts])
         out = predictor.predict(point_coords=pts, point_labels=np.ones(pts.shape[:2]), multimask_output=multimask,
-                                use_plugin=plugin is not None)
+                                use_plugin=use_plugin)
     return out.masks, out.alpha
 
 

@@ -118,43 +118,39 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
     ``dataset``: ``{"types": {P: {"miou", *ERROR_PARTS}}, "noisy04_over_gt", "point1_over_point3",
     "outside_box_share", "negative_click": {"cases", "raised_share", "iou_before", "iou_after"} | None,
     "images", "objects"}``, figures in percent except the ratios."""
-    predictor = StableSamPredictor(model, max_batch=128)
-    saved_plugin, saved_version = model.plugin, model.plugin_version
+    predictor, use_plugin = StableSamPredictor(model, max_batch=128, plugin=plugin), plugin is not None
     ious: Dict[str, List[float]] = {t: [] for t in cfg.prompt_types}
     errors = {t: np.zeros(len(ERROR_PARTS)) for t in cfg.prompt_types}  # pixels, summed
     areas = {t: 0 for t in cfg.prompt_types}  # object pixels x prompts, summed
     outside: List[float] = []
     clicked: List[Tuple[float, float]] = []  # (IoU before, after) of each negative click
     images = objects = 0
-    try:
-        for index in tqdm(range(len(dataset)), desc="failure profile", unit="image", disable=not progress,
-                          dynamic_ncols=True):
-            sample = dataset[index]
-            if not sample.masks:
-                continue
-            images += 1
-            objects += len(sample.masks)
-            predictor.set_image(sample.image)
-            d = boundary_width(*sample.masks[0].shape, ratio=cfg.boundary_ratio)
-            union = np.zeros_like(sample.masks[0])
-            for m in sample.masks:
-                union |= m
-            for t in cfg.prompt_types:
-                prompts = [protocol_prompts(m, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
-                           for j, m in enumerate(sample.masks)]
-                masks, _ = predict_protocol(model, predictor, prompts, t, plugin)
-                offsets = np.cumsum([0] + [len(p) for p in prompts])
-                for j, gt in enumerate(sample.masks):
-                    mj = masks[offsets[j]:offsets[j + 1]]
-                    errors[t] += error_pixels(mj, gt, union & ~gt, band_around(gt, d)).sum(axis=0)
-                    areas[t] += int(gt.sum()) * len(mj)
-                    ious[t].append(float(mask_iou(mj, gt).mean()))
-                    if t == "noisy_box_0.4":
-                        outside.append(float(outside_box_share(gt, prompts[j].boxes).mean()))
-                if t in NEGATIVE_CLICK_TYPES:
-                    clicked += negative_clicks(predictor, prompts, sample.masks, use_plugin=plugin is not None)
-    finally:
-        model.set_plugin(saved_plugin, saved_version)
+    for index in tqdm(range(len(dataset)), desc="failure profile", unit="image", disable=not progress,
+                      dynamic_ncols=True):
+        sample = dataset[index]
+        if not sample.masks:
+            continue
+        images += 1
+        objects += len(sample.masks)
+        predictor.set_image(sample.image)
+        d = boundary_width(*sample.masks[0].shape, ratio=cfg.boundary_ratio)
+        union = np.zeros_like(sample.masks[0])
+        for m in sample.masks:
+            union |= m
+        for t in cfg.prompt_types:
+            prompts = [protocol_prompts(m, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
+                       for j, m in enumerate(sample.masks)]
+            masks, _ = predict_protocol(predictor, prompts, t, use_plugin)
+            offsets = np.cumsum([0] + [len(p) for p in prompts])
+            for j, gt in enumerate(sample.masks):
+                mj = masks[offsets[j]:offsets[j + 1]]
+                errors[t] += error_pixels(mj, gt, union & ~gt, band_around(gt, d)).sum(axis=0)
+                areas[t] += int(gt.sum()) * len(mj)
+                ious[t].append(float(mask_iou(mj, gt).mean()))
+                if t == "noisy_box_0.4":
+                    outside.append(float(outside_box_share(gt, prompts[j].boxes).mean()))
+            if t in NEGATIVE_CLICK_TYPES:
+                clicked += negative_clicks(predictor, prompts, sample.masks, use_plugin)
     types = {t: {"miou": round(100 * float(np.mean(ious[t])), 2),
                  **{k: round(100 * float(v) / max(areas[t], 1), 2) for k, v in zip(ERROR_PARTS, errors[t])}}
              for t in cfg.prompt_types}

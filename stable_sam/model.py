@@ -77,6 +77,8 @@ class StableSam:
         return model_version(self.model_id, self.plugin_version)
 
     def set_plugin(self, plugin: StableSamPlugin, version: str) -> None:
+        """Serve ``plugin`` as the model's own from now on (a new version, without a restart). To run
+        another plugin for some calls only, give it to a ``StableSamPredictor(model, plugin=...)``."""
         if plugin.config.layer != self.plugin.config.layer:
             raise ValueError("a plugin for another decoder layer needs a new StableSam")
         self.plugin = plugin.to(self.device).eval()  # readers take self.plugin once per call
