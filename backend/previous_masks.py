@@ -12,7 +12,7 @@ Label Studio's /predict carries no user, so the key cannot name one; it does not
 entry for a prompt sequence is a pure function of that sequence and the model version, so two
 users sending the same clicks would each compute the same logits. Projects never share entries.
 
-Bounded: at most PREVIOUS_MASK_ITEMS entries (LRU; float16, 64 KB each for the small SAM's
+Bounded: at most PREVIOUS_MASK_ITEMS entries (LRU; float16, 32 KB each for the small SAM's
 128 x 128 logits, 128 KB for a real SAM's 256 x 256), each dropped PREVIOUS_MASK_TTL_S after it
 was stored. Thread-safe.
 """

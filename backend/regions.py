@@ -12,7 +12,7 @@ LABEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "label_config"
 
 
 def recommended_config() -> str:
-    """The labeling config the README recommends (``label_config/recommended.xml``)."""
+    """The recommended labeling config (``label_config/recommended.xml``)."""
     return (LABEL_CONFIG_DIR / "recommended.xml").read_text()
 
 

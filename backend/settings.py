@@ -3,7 +3,8 @@
 ``BackendSettings`` extends the model library's ``ModelSettings`` (MODEL_DIR, DEVICE,
 SAM_MODEL_TYPE, SAM_CHECKPOINT, PLUGIN_CHECKPOINT, PLUGIN_VERSION, EMBEDDING_CACHE_MB,
 EMBEDDING_DISK_CACHE) with the Label Studio, HTTP-server, input-limit and training settings below. Nothing else in ``backend/`` reads
-``os.environ``; gunicorn's config (``backend/gunicorn.conf.py``) reads these settings too.
+``os.environ`` except gunicorn's config (``backend/gunicorn.conf.py``), which reads these settings
+and sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers' metrics.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ ENV_NAMES = {"local_files_root": "LOCAL_FILES_DOCUMENT_ROOT"}
 class BackendSettings(ModelSettings):
     # Label Studio: where relative /data/upload/... URLs and cloud URIs are resolved, and the key
     # used to read them: a legacy token, or a personal access token (exchanged for a short-lived
-    # access token through /api/token/refresh/). /setup's access_token is never used (see README).
+    # access token through /api/token/refresh/). /setup's access_token is never used (docs/configuration.md).
     label_studio_url: str = ""  # LABEL_STUDIO_URL, e.g. http://label-studio:8080
     label_studio_api_key: str = ""  # LABEL_STUDIO_API_KEY
     # Basic auth on every route but /health; off unless both are set.

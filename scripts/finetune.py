@@ -1,6 +1,6 @@
 """RTS: adapt the Stable-SAM plugin to a frozen SAM in one epoch; write a versioned checkpoint.
 
-    python scripts/finetune.py                            # the README plugin: small SAM, synthetic
+    python scripts/finetune.py                            # a plugin for the small SAM from synthetic
                                                           # training scenes (never the held-out ones)
     python scripts/finetune.py --model-type vit_l --checkpoint sam_vit_l_0b3195.pth \\
         --dataset coco/instances_train.json --image-root coco/train2017 --device cuda --out plugin_vit_l.pt

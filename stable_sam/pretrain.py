@@ -37,7 +37,7 @@ from .prompts import error_point, mask_to_box, noisy_box, sample_points, sam_jit
 
 @dataclass
 class PretrainConfig:
-    """The README's three commands (a patch-16 run, then two patch-8 runs from its refined weights)
+    """The three commands in docs/small-sam.md (a patch-16 run, then two patch-8 runs from its refined weights)
     and these defaults made the committed ``checkpoints/sam_tiny.pt``; each run's full config is in
     its summary JSON."""
 

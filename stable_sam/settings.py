@@ -1,7 +1,7 @@
 """Model-side configuration from the environment, read in one place.
 
-The backend's settings (``backend/settings.py``) extend these with the Label Studio ones; the
-README lists them all.
+The backend's settings (``backend/settings.py``) extend these with the Label Studio ones;
+``docs/configuration.md`` lists them all (a test checks it against both modules).
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def test_region_details_show_routing_weights_only_for_a_trained_plugin():
 
 
 def test_corrective_click_benchmark_prints_its_figures(monkeypatch, capsys):
-    """scripts/bench_corrective_clicks.py (the README's figures) on one held-out scene."""
+    """scripts/bench_corrective_clicks.py (the figures in docs/benchmarks.md) on one held-out scene."""
     import json
     import runpy
     import sys
