@@ -31,6 +31,9 @@ def main() -> None:
                         help=f"encoder patch in px (default {SAM_TINY_PATCH_SIZE}: the committed model's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="processes drawing the training scenes ahead (0: in the training loop); "
+                             "the same scenes either way. On a GPU, about the machine's cores minus one")
     parser.add_argument("--no-resume", action="store_true",
                         help="start afresh even if a training state from an earlier run lies beside --out")
     args = parser.parse_args()
@@ -41,7 +44,8 @@ def main() -> None:
     if args.init_coarse:
         sam.load_state_dict(refine_patch_grid(torch.load(args.init_coarse, map_location="cpu", weights_only=True), sam))
     sam = sam.to(resolve_device(args.device))
-    summary = pretrain_sam(sam, cfg, args.out, log=lambda s: print(s, flush=True), resume=not args.no_resume)
+    summary = pretrain_sam(sam, cfg, args.out, log=lambda s: print(s, flush=True), resume=not args.no_resume,
+                           data_workers=args.data_workers)
     summary_path = args.out.with_suffix(".json")
     summary_path.write_text(json.dumps({"command": " ".join(sys.argv), **summary}, indent=2))
     print(json.dumps(summary["history"][-1]))

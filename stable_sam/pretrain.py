@@ -15,10 +15,14 @@ This is *not* Stable-SAM training (see RTS): the noisy prompts that Stable-SAM f
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -170,8 +174,39 @@ def quick_eval(sam: Sam, scenes: Sequence[Scene], n_images: int, seed: int = 0) 
 
 def batch_scenes(scenes: Sequence[Scene], step: int, cfg: PretrainConfig) -> List[Scene]:
     """Step ``step``'s batch: the next ``cfg.batch_size`` scenes, those with something to prompt."""
-    batch = [scenes[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
+    return with_targets([scenes[step * cfg.batch_size + i] for i in range(cfg.batch_size)])
+
+
+def with_targets(batch: Sequence[Scene]) -> List[Scene]:
     return [s for s in batch if s.training_targets]
+
+
+def scene_batches(scenes: Sequence[Scene], first_step: int, cfg: PretrainConfig,
+                  workers: int = 0) -> Iterator[List[Scene]]:
+    """``batch_scenes`` for every step from ``first_step`` on. With ``workers`` > 0 the scenes are
+    drawn ahead in that many processes (each scene is a pure function of its index, so the batches
+    are the same): on a GPU, drawing scenes one by one would take longer than the step itself."""
+    if workers <= 0:
+        for step in range(first_step, cfg.steps):
+            yield batch_scenes(scenes, step, cfg)
+        return
+    ahead = 2 * workers  # batches in flight: every worker busy, memory bounded
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(step: int) -> List[Future]:
+        return [pool.submit(scenes.__getitem__, step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+
+    try:
+        steps = iter(range(first_step, cfg.steps))
+        pending: Deque[List[Future]] = deque(submit(step) for step in itertools.islice(steps, ahead))
+        while pending:
+            batch = with_targets([f.result() for f in pending.popleft()])
+            step = next(steps, None)
+            if step is not None:
+                pending.append(submit(step))
+            yield batch
+    finally:  # also when training stops early: no scene is drawn for nothing
+        pool.shutdown(cancel_futures=True)
 
 
 def train_step(sam: Sam, opt: torch.optim.Optimizer, scenes: Sequence[Scene], cfg: PretrainConfig,
@@ -191,9 +226,10 @@ def training_state_path(out_path: Path) -> Path:
     return out_path.with_suffix(".state.pt")
 
 
-def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
-                 log: Callable[[str], None] = print, resume: bool = True) -> Dict[str, object]:
+def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path, log: Callable[[str], None] = print,
+                 resume: bool = True, data_workers: int = 0) -> Dict[str, object]:
     """Train every SAM weight on synthetic scenes; save fp16 weights to ``out_path``.
+    ``data_workers``: processes drawing the scenes ahead (``scene_batches``; the same result).
 
     Every ``cfg.checkpoint_every`` steps the full training state (fp32 weights, optimiser,
     schedule, random generators, history) is written atomically beside ``out_path``; with
@@ -227,8 +263,8 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path,
     def minutes() -> float:
         return minutes_before + (time.time() - start) / 60
 
-    for step in range(first_step, cfg.steps):
-        loss = train_step(sam, opt, batch_scenes(train, step, cfg), cfg, rng)
+    for step, batch in enumerate(scene_batches(train, first_step, cfg, data_workers), start=first_step):
+        loss = train_step(sam, opt, batch, cfg, rng)
         sched.step()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % 25 == 0:

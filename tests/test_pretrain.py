@@ -87,3 +87,20 @@ def test_refining_a_coarse_model_keeps_what_its_weights_mean():
     # Shape-free weights are copied as they are.
     torch.testing.assert_close(fine.mask_decoder.iou_token.weight, coarse.mask_decoder.iou_token.weight)
     assert fine.image_encoder.pos_embed.shape[1:3] == (32, 32)
+
+
+def test_scenes_drawn_ahead_in_workers_are_the_loops_own_batches():
+    from stable_sam.data.synthetic_split import world_scenes
+    from stable_sam.pretrain import batch_scenes, scene_batches
+
+    cfg = replace(PretrainConfig(), batch_size=3, steps=5, world="regions")
+    scenes = world_scenes("regions", "train")
+    inline = list(scene_batches(scenes, 2, cfg, workers=0))
+    ahead = list(scene_batches(scenes, 2, cfg, workers=2))
+    assert len(inline) == len(ahead) == 3  # steps 2, 3, 4
+    for step, (a, b) in enumerate(zip(inline, ahead), start=2):
+        assert [s.image.tobytes() for s in a] == [s.image.tobytes() for s in b]
+        assert [s.image.tobytes() for s in a] == [s.image.tobytes() for s in batch_scenes(scenes, step, cfg)]
+    early = scene_batches(scenes, 0, replace(cfg, steps=1000), workers=2)
+    assert len(next(early)) <= 3
+    early.close()  # a run that stops early shuts its workers down, without drawing the rest
