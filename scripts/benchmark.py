@@ -24,7 +24,7 @@ import torch
 from stable_sam.build import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError
-from stable_sam.data.sources import open_dataset
+from stable_sam.data.sources import is_generated, open_dataset
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, ProtocolConfig, evaluate,
                                    side_by_side_table, targets_report, variants_table)
@@ -41,7 +41,7 @@ DEFAULT_SYNTHETIC_START = 1000
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="synthetic:heldout",
-                    help="synthetic:heldout | synthetic:train | a folder of images + mask PNGs | "
+                    help="synthetic:heldout | regions:heldout | regions:unseen | a folder of images + mask PNGs | "
                          "a COCO instances .json | a Label Studio JSON export")
     ap.add_argument("--image-root", type=Path, default=None, help="where the images of a .json dataset are")
     ap.add_argument("--masks-dir", type=Path, default=None, help="mask folder of a folder dataset")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
                              prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()),
                              figure_cases=args.cases)
-        synthetic = args.dataset.startswith("synthetic:")
+        synthetic = is_generated(args.dataset)
         limit = args.images if args.images is not None else (DEFAULT_HELDOUT_IMAGES if synthetic else None)
         start = args.start if args.start is not None else (DEFAULT_SYNTHETIC_START if synthetic else 0)
         dataset = open_dataset(args.dataset, image_root=args.image_root, masks_dir=args.masks_dir,

@@ -24,7 +24,7 @@ import torch
 from stable_sam.build import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError
-from stable_sam.data.sources import open_dataset
+from stable_sam.data.sources import is_generated, open_dataset
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig
 from stable_sam.failure_profile import failure_profile, profile_table
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     try:
         cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
                              prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()))
-        generated = args.dataset.split(":", 1)[0] in ("synthetic", "regions")
+        generated = is_generated(args.dataset)
         limit = args.images if args.images is not None else (DEFAULT_IMAGES if generated else None)
         start = args.start if args.start is not None else (DEFAULT_SYNTHETIC_START if generated else 0)
         dataset = open_dataset(args.dataset, image_root=args.image_root, masks_dir=args.masks_dir,

@@ -32,7 +32,7 @@ import torch
 from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError, Reporter, export_dataset, run_adaptation
 from stable_sam.build import MODEL_TYPES, build
 from stable_sam.data.dataset import DatasetError, SegmentationDataset
-from stable_sam.data.sources import json_kind, open_dataset
+from stable_sam.data.sources import is_generated, json_kind, open_dataset
 from stable_sam.distributed import init_from_env
 from stable_sam.download import CheckpointError
 from stable_sam.modeling.plugin import PluginConfig
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         return adapt_main(args, command)
     args.dataset = args.dataset or "synthetic:train"
     args.out = args.out or ROOT / "checkpoints" / "plugin_sam_tiny_rts.pt"
-    synthetic = args.dataset.startswith("synthetic:")
+    synthetic = is_generated(args.dataset)
     start = args.start if args.start is not None else (DEFAULT_TRAIN_START if synthetic else 0)
     limit = args.images if args.images is not None else (DEFAULT_TRAIN_IMAGES if synthetic else None)
     try:

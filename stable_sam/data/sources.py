@@ -29,6 +29,13 @@ def json_kind(path: Path) -> str:
                        f"nor a Label Studio JSON export (a list of tasks)")
 
 
+def is_generated(spec: Union[str, Path]) -> bool:
+    """Whether ``spec`` names generated scenes (``synthetic:...`` or ``regions:...``): endless, so
+    a command picks a default start and number of images for them."""
+    world, _, split = str(spec).partition(":")
+    return bool(split) and world in WORLDS
+
+
 def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
                  masks_dir: Optional[Path] = None, limit: Optional[int] = None,
                  start: int = 0) -> SegmentationDataset:
