@@ -25,6 +25,9 @@ measuring, keeps what it has and says ``cut_short``; one that fails says ``error
 
 The JSON (``--out``) is written atomically before each part and at the end, so a run cut short
 still leaves every finished part's figures. ``--json`` prints it as the last line.
+
+Over 400 lines on purpose: the device machine gets one short prepared command, so the seven parts,
+their caps and the atomic report live in one file that can be read top to bottom.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ The Label Studio mode on Ray (``backend.preannotate_ray``) uses the same pieces:
 ``ShardPool``, ``RayStats``.
 
 Ray is imported only here, and only when a function of this module runs: the single-machine path
-never loads it.
+never loads it. That is why the module is over 400 lines: splitting it would spread the one place
+that touches Ray (connection, workers, the shard pool, the driver) over several.
 """
 
 from __future__ import annotations
