@@ -63,7 +63,7 @@ def output_label(group: PromptGroup, brush: Any) -> str:
     if group.label is None:
         raise BadInput(f"the prompt ({clip(', '.join(group.source_ids))}) has no label and brush control "
                        f"'{brush.name}' has several ({clip(labels, 300)}): use labelled keypoints / rectangles")
-    raise BadInput(f"label {clip(group.label)} of {clip(group.source_from_name)} is not a label of brush control "
+    raise BadInput(f"label {clip(group.label)} of {clip(group.from_name)} is not a label of brush control "
                    f"'{brush.name}' ({clip(labels, 300)}): give both controls the same labels")
 
 

@@ -27,8 +27,7 @@ from stable_sam.data.label_studio_prompts import (PromptGroup, Region, RegionErr
                                                   result_regions)
 from stable_sam.model import StableSam, model_version
 from stable_sam.modeling.plugin import StableSamPlugin
-from stable_sam.predictor import PromptError, StableSamPredictor
-from stable_sam.prompts import ObjectPrompt
+from stable_sam.predictor import ObjectMask, PromptError, StableSamPredictor
 
 from .bounded_cache import BoundedCache
 from .errors import BadInput, ClientGone, clip
@@ -319,7 +318,7 @@ class StableSamBackend:
             # the task and image by digest: a key never holds a request's (maybe huge) strings
             scope = None if memory_scope is None else memory_scope + (
                 hashlib.sha256(f"{task.get('id')!r}|{url}".encode("utf-8", "replace")).hexdigest(),)
-            for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, w, h, scope)):
+            for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, scope)):
                 results.append(brush_result(g, label, brush.name, to_name, pred, (w, h), (w, h),
                                             plugin_version=plugin_version))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
@@ -327,7 +326,7 @@ class StableSamBackend:
                 "result": results}
 
     def _decode(self, model: StableSam, plugin: Optional[StableSamPlugin], emb, groups: List[PromptGroup],
-                w: int, h: int, memory_scope: Optional[Tuple[Any, ...]] = None):
+                memory_scope: Optional[Tuple[Any, ...]] = None) -> List[ObjectMask]:
         """Predict every group, batching groups of the same shape (boxes with K points) in one call,
         with ``plugin`` (the project's version; None: the model's default plugin).
 
@@ -338,42 +337,36 @@ class StableSamBackend:
             return []
         predictor = StableSamPredictor(model, plugin=plugin)
         predictor.set_embedding(emb)
-        prompts = [ObjectPrompt(box=None if g.box is None else
-                                [min(max(g.box[0], 0), w), min(max(g.box[1], 0), h),
-                                 min(max(g.box[2], 0), w), min(max(g.box[3], 0), h)],
-                                points=g.points or None, labels=g.point_labels or None) for g in groups]
+        prompts = [g.prompt for g in groups]
         keys: List[Optional[Tuple[Any, ...]]] = [None] * len(groups)
         previous: List[Optional[np.ndarray]] = [None] * len(groups)
         if memory_scope is not None and self.previous_masks.enabled:
             for i, (g, p) in enumerate(zip(groups, prompts)):
-                where = memory_scope + (g.to_name, g.source_from_name, g.label)
-                keys[i] = where + prompt_key(p.box, g.points, g.point_labels)
-                if g.points and (p.box is not None or len(g.points) > 1):
-                    previous[i] = self.previous_masks.get(
-                        where + prompt_key(p.box, g.points[:-1], g.point_labels[:-1]))
+                where = memory_scope + (g.to_name, g.from_name, g.label)
+                points, labels = (p.points, p.labels) if p.points is not None else ((), ())
+                keys[i] = where + prompt_key(p.box, points, labels)
+                if len(points) and (p.box is not None or len(points) > 1):
+                    previous[i] = self.previous_masks.get(where + prompt_key(p.box, points[:-1], labels[:-1]))
         fresh = [i for i in range(len(groups)) if previous[i] is None]
-        rows: Dict[int, Tuple[np.ndarray, float, float, Optional[List[float]], np.ndarray]] = {}
+        rows: Dict[int, ObjectMask] = {}
+        logits: Dict[int, np.ndarray] = {}
         try:
             if fresh:
                 out = predictor.predict_objects([prompts[i] for i in fresh])
                 for j, i in enumerate(fresh):
-                    rows[i] = (out.masks[j], float(out.scores[j]), float(out.stability[j]),
-                               out.alpha[j].tolist() if out.alpha is not None else None, out.low_res_logits[j])
+                    rows[i], logits[i] = out.row(j), out.low_res_logits[j]
             for i in range(len(groups)):
                 if previous[i] is None:
                     continue
                 p = prompts[i]
                 out = predictor.predict(point_coords=p.points, point_labels=p.labels, box=p.box,
                                         mask_input=previous[i][None, None], multimask_output=False)
-                rows[i] = (out.masks[0], float(out.scores[0]), float(out.stability[0]),
-                           out.alpha[0].tolist() if out.alpha is not None else None, out.low_res_logits[0])
+                rows[i], logits[i] = out.row(0), out.low_res_logits[0]
                 self.metrics.count("corrective_clicks_total")
         except PromptError as e:
             raise BadInput(f"prompt rejected: {e}") from None
         for i, key in enumerate(keys):
             if key is not None:
-                self.previous_masks.put(key, rows[i][4])
-        preds = [{"mask": rows[i][0], "score": rows[i][1], "stability": rows[i][2], "alpha": rows[i][3]}
-                 for i in range(len(groups))]
+                self.previous_masks.put(key, logits[i])
         self.metrics.count("masks_total", len(groups))
-        return preds
+        return [rows[i] for i in range(len(groups))]

@@ -31,6 +31,8 @@ from stable_sam.data.label_studio_prompts import PROMPT_SOURCES, PromptGroup, re
 from stable_sam.model import model_version
 from stable_sam.preannotation.automatic import AutoConfig, automatic_masks
 from stable_sam.preannotation.readahead import ReadAhead
+from stable_sam.predictor import ObjectMask
+from stable_sam.prompts import ObjectPrompt
 
 from .errors import BadInput
 from .label_config import ParsedConfig, parse_label_config
@@ -114,8 +116,8 @@ def _auto_prediction(model, plugin, version: str, image: np.ndarray, config: Aut
     h, w = image.shape[:2]
     results = []
     for k, found in enumerate(automatic_masks(model, image, config, plugin)):
-        group = PromptGroup(to_name, None, [tuple(found.point)], [1], label=label, source_ids=[f"auto{k}"])
-        pred = {"mask": found.mask, "score": found.predicted_iou, "stability": found.stability, "alpha": None}
+        group = PromptGroup(to_name, ObjectPrompt(points=[found.point]), label=label, source_ids=[f"auto{k}"])
+        pred = ObjectMask(found.mask, found.predicted_iou, found.stability)
         res = brush_result(group, label, brush.name, to_name, pred, (w, h), (w, h))
         where = f"automatic: grid point {found.point[0]:.0f}, {found.point[1]:.0f}"
         res["stable_sam"]["prompt"] = where

@@ -31,6 +31,16 @@ class PromptError(ValueError):
     """A prompt that cannot be used; the message says what is wrong."""
 
 
+@dataclass(frozen=True)
+class ObjectMask:
+    """One prompt's mask and the model's own figures for it (a row of a ``Prediction``)."""
+
+    mask: np.ndarray  # H x W bool
+    score: float  # predicted IoU
+    stability: float
+    alpha: Optional[Tuple[float, float]] = None  # DRP weights (deformed, regular); None for plain SAM
+
+
 @dataclass
 class Prediction:
     """One mask per prompt, N prompts. Masks at the original image size."""
@@ -41,6 +51,11 @@ class Prediction:
     low_res_logits: np.ndarray  # N x 1 x h x w, feed back as ``mask_input``
     alpha: Optional[np.ndarray]  # N x 2 DRP weights (deformed, regular); None for plain SAM
     multimask: bool  # whether SAM's three candidates were made and the best picked
+
+    def row(self, i: int) -> ObjectMask:
+        """Prompt ``i``'s mask, with its figures as Python floats."""
+        alpha = None if self.alpha is None else (float(self.alpha[i][0]), float(self.alpha[i][1]))
+        return ObjectMask(self.masks[i], float(self.scores[i]), float(self.stability[i]), alpha)
 
 
 def _as_float_array(value, name: str) -> np.ndarray:

@@ -48,10 +48,12 @@ class ObjectPrompt:
         return self.box is not None, 0 if self.points is None else len(self.points)
 
     def describe(self) -> str:
+        """What the prompt is made of, e.g. "box + 2 positive points + 1 negative" (the text a
+        brush result's region details show)."""
         parts = ["box"] if self.box is not None else []
         if self.points is not None:
             pos = int(self.labels.sum())
-            parts += [f"{pos} positive"] if pos else []
+            parts += [f"{pos} positive point{'s' if pos > 1 else ''}"] if pos else []
             parts += [f"{len(self.labels) - pos} negative"] if len(self.labels) > pos else []
         return " + ".join(parts)
 

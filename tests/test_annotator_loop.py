@@ -172,10 +172,13 @@ def test_a_corrective_click_refines_the_previous_mask_within_its_project(images,
 
 def test_region_details_show_routing_weights_only_for_a_trained_plugin():
     from stable_sam.data.label_studio_prompts import PromptGroup
+    from stable_sam.predictor import ObjectMask
+    from stable_sam.prompts import ObjectPrompt
     from backend.results import brush_result
 
-    g = PromptGroup("image", None, [(5.0, 5.0)], [1], label="Object", source_ids=["k1"], source_from_name="kp")
-    pred = {"mask": np.ones((4, 4), bool), "score": 0.9, "stability": 0.8, "alpha": [0.3, 0.7]}
+    g = PromptGroup("image", ObjectPrompt(points=[(5.0, 5.0)], labels=[1]), label="Object", source_ids=["k1"],
+                    from_name="kp")
+    pred = ObjectMask(np.ones((4, 4), bool), 0.9, 0.8, (0.3, 0.7))
     text = {v: brush_result(g, "Object", "tag", "image", pred, (4, 4), (4, 4),
                             plugin_version=v)["meta"]["text"][0] for v in ("init", "v0003")}
     assert "plain SAM (untrained plugin)" in text["init"] and "DRP" not in text["init"]

@@ -599,13 +599,14 @@ def test_prompt_grouping_rules():
                              {"type": "brushlabels", "from_name": "tag", "to_name": "image", "value": {}}])
     groups, notes = group_prompts(regions, 400, 200)  # the file is twice Label Studio's size
     assert [g.source_ids for g in groups] == [["big", "in-big"], ["small", "in-both"]]
-    assert groups[1].box == pytest.approx((200, 40, 320, 160)) and groups[1].points == [pytest.approx((240, 100))]
-    assert groups[0].point_labels == [0] and not notes
+    assert groups[1].prompt.box.tolist() == pytest.approx([200, 40, 320, 160])
+    assert groups[1].prompt.points.tolist() == [pytest.approx([240, 100])]
+    assert groups[0].prompt.labels.tolist() == [0] and not notes
     # free keypoints: one mask from all of them, labelled by the last positive one
     free = parse_regions([keypoint(10, 10, size, rid="a", label="A"), keypoint(50, 50, size, rid="b", positive=False),
                           keypoint(90, 90, size, rid="c", label="C")])
     (g,), _ = group_prompts(free, 200, 100)
-    assert g.box is None and g.point_labels == [1, 0, 1] and g.label == "C"
+    assert g.prompt.box is None and g.prompt.labels.tolist() == [1, 0, 1] and g.label == "C"
     # batch: the newest non-cancelled annotation with prompts, else a prediction
     task = {"annotations": [{"id": 1, "updated_at": "2026-01-02", "result": [big]},
                             {"id": 2, "updated_at": "2026-01-03", "result": [small], "was_cancelled": True},

@@ -2,7 +2,7 @@
 
 Label Studio sends smart keypoints and rectangles as results in percent (0-100) of the image's
 ``original_width`` x ``original_height``. Here they are validated, converted to pixels of the image
-the model sees, and grouped into prompts, one mask each:
+the model sees (clamped to it there, once), and grouped into prompts, one mask each:
 
 - every rectangle is its own prompt (a rotated one by its axis-aligned bounding box);
 - a keypoint inside a rectangle refines that rectangle (the smallest one holding it);
@@ -49,7 +49,9 @@ class RegionError(ValueError):
 
 @dataclass
 class Region:
-    """One keypoint or rectangle from Label Studio, coordinates still in percent."""
+    """One keypoint or rectangle from Label Studio, coordinates still in percent: x and y in
+    0..100; a rectangle's far edges (x + width, y + height) and a rotated one's corners may lie
+    outside, ``group_prompts`` clamps them to the image in pixels."""
 
     id: str
     kind: str  # "keypoint" | "rectangle"
@@ -66,9 +68,10 @@ class Region:
     original_height: Optional[int] = None
 
     def box_percent(self, size: Optional[Tuple[int, int]] = None) -> Tuple[float, float, float, float]:
-        """Axis-aligned x0, y0, x1, y1 in percent; rotation (degrees, about the top-left corner,
-        as Label Studio draws it) is replaced by the bounding box of the rotated corners, rotated
-        in pixels of ``size`` (the decoded image), else of the claimed original size."""
+        """Axis-aligned x0, y0, x1, y1 in percent, not clipped to the image; rotation (degrees,
+        about the top-left corner, as Label Studio draws it) is replaced by the bounding box of the
+        rotated corners, rotated in pixels of ``size`` (the decoded image), else of the claimed
+        original size."""
         if not self.rotation:
             return self.x, self.y, self.x + self.width, self.y + self.height
         # Rotate in pixel space when the size is known: percent axes are not isotropic.
@@ -81,33 +84,34 @@ class Region:
         for dx, dy in ((0, 0), (w, 0), (w, h), (0, h)):
             xs.append(self.x + (dx * ca - dy * sa) / sx)
             ys.append(self.y + (dx * sa + dy * ca) / sy)
-        x0, y0 = max(min(xs), 0.0), max(min(ys), 0.0)
-        x1, y1 = min(max(xs), 100.0), min(max(ys), 100.0)
-        return x0, y0, x1, y1
+        return min(xs), min(ys), max(xs), max(ys)
 
 
 @dataclass
 class PromptGroup:
-    """One mask to predict: an optional box and points, in pixels of a W x H image."""
+    """One mask to predict: its prompt in pixels of a W x H image, and what Label Studio needs
+    around it: the image (``to_name``), the label, the regions it came from (``source_ids``: the
+    rectangle's first, then the points' in the prompt's order) and the control that sent them."""
 
     to_name: str
-    box: Optional[Tuple[float, float, float, float]]
-    points: List[Tuple[float, float]] = field(default_factory=list)
-    point_labels: List[int] = field(default_factory=list)
+    prompt: ObjectPrompt
     label: Optional[str] = None
     source_ids: List[str] = field(default_factory=list)
-    source_from_name: str = ""
+    from_name: str = ""
 
-    def describe(self) -> str:
-        parts = []
-        if self.box is not None:
-            parts.append("box")
-        pos = sum(self.point_labels)
-        if pos:
-            parts.append(f"{pos} positive point{'s' if pos > 1 else ''}")
-        if len(self.point_labels) - pos:
-            parts.append(f"{len(self.point_labels) - pos} negative")
-        return " + ".join(parts) or "empty"
+    # Plain-list views of the prompt for callers that index a group's box and points as sequences
+    # (backend/regions.py); the prompt is the one copy.
+    @property
+    def box(self) -> Optional[Tuple[float, ...]]:
+        return None if self.prompt.box is None else tuple(float(v) for v in self.prompt.box)
+
+    @property
+    def points(self) -> List[Tuple[float, float]]:
+        return [] if self.prompt.points is None else [(float(x), float(y)) for x, y in self.prompt.points]
+
+    @property
+    def point_labels(self) -> List[int]:
+        return [] if self.prompt.labels is None else [int(v) for v in self.prompt.labels]
 
 
 def _number(value: Any, what: str) -> float:
@@ -123,6 +127,8 @@ def _number(value: Any, what: str) -> float:
 
 
 def _percent(value: Any, what: str) -> float:
+    """A position (x or y) in 0..100; the frontend's hair past an edge (``PERCENT_TOLERANCE``) is
+    read as the edge, so a rectangle keeps its width and height."""
     out = _number(value, what)
     if out < -PERCENT_TOLERANCE or out > 100 + PERCENT_TOLERANCE:
         raise RegionError(f"{what} = {out} is outside 0..100: Label Studio coordinates are percent of the image")
@@ -180,7 +186,7 @@ def parse_region(item: Any, index: int) -> Optional[Region]:
                 if edge > 100 + PERCENT_TOLERANCE:
                     raise RegionError(f"{where}: {what} = {edge:g} is outside 0..100 (percent of the image)")
         x0, y0, x1, y1 = region.box_percent()
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
+        if min(x1, 100.0) - max(x0, 0.0) <= 0 or min(y1, 100.0) - max(y0, 0.0) <= 0:
             raise RegionError(f"{where}: rectangle lies outside the image")
     return region
 
@@ -191,41 +197,54 @@ def parse_regions(results: Any, source: str = "context.result") -> List[Region]:
     return [r for r in (parse_region(item, i) for i, item in enumerate(results)) if r is not None]
 
 
+def _pixels(percent: float, scale: float, side: int) -> float:
+    """Percent -> pixels, clamped to the image: where Label Studio's coordinates enter pixel space,
+    the one clamp (an edge at 100 % can land a float's hair past the last pixel)."""
+    return min(max(percent * scale, 0.0), float(side))
+
+
 def group_prompts(regions: Sequence[Region], width: int, height: int) -> Tuple[List[PromptGroup], List[str]]:
     """Regions of one image -> (prompt groups in pixels of a ``width`` x ``height`` image, notes on
     regions that give no mask). Groups come in rectangle order, then the free keypoints."""
     sx, sy = width / 100.0, height / 100.0
-    groups: List[PromptGroup] = []
+
+    def point(r: Region) -> Tuple[float, float]:
+        return _pixels(r.x, sx, width), _pixels(r.y, sy, height)
+
     notes: List[str] = []
+    rects: List[Tuple[Region, Tuple[float, float, float, float]]] = []
     for r in regions:
         if r.kind != "rectangle":
             continue
         x0, y0, x1, y1 = r.box_percent((width, height))
-        box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
         if not r.positive:
             notes.append(f"rectangle {r.id} is marked negative: ignored")
             continue
-        groups.append(PromptGroup(r.to_name, box, label=r.label, source_ids=[r.id], source_from_name=r.from_name))
+        rects.append((r, (_pixels(x0, sx, width), _pixels(y0, sy, height),
+                          _pixels(x1, sx, width), _pixels(y1, sy, height))))
+    inside: List[List[Region]] = [[] for _ in rects]
     free: List[Region] = []
     for r in regions:
         if r.kind != "keypoint":
             continue
-        px, py = r.x * sx, r.y * sy
-        holders = [g for g in groups if g.box[0] <= px <= g.box[2] and g.box[1] <= py <= g.box[3]]
+        px, py = point(r)
+        holders = [i for i, (_, b) in enumerate(rects) if b[0] <= px <= b[2] and b[1] <= py <= b[3]]
         if holders:
-            g = min(holders, key=lambda g: (g.box[2] - g.box[0]) * (g.box[3] - g.box[1]))
-            g.points.append((px, py))
-            g.point_labels.append(int(r.positive))
-            g.source_ids.append(r.id)
+            i = min(holders, key=lambda i: (rects[i][1][2] - rects[i][1][0]) * (rects[i][1][3] - rects[i][1][1]))
+            inside[i].append(r)
         else:
             free.append(r)
+    groups = [PromptGroup(r.to_name, ObjectPrompt(box=box, points=[point(k) for k in keys] or None,
+                                                  labels=[int(k.positive) for k in keys] or None),
+                          label=r.label, source_ids=[r.id] + [k.id for k in keys], from_name=r.from_name)
+              for (r, box), keys in zip(rects, inside)]
     if free:
         positives = [r for r in free if r.positive]
         if positives:
             groups.append(PromptGroup(
-                free[0].to_name, None, [(r.x * sx, r.y * sy) for r in free], [int(r.positive) for r in free],
+                free[0].to_name, ObjectPrompt(points=[point(r) for r in free], labels=[int(r.positive) for r in free]),
                 label=next((r.label for r in reversed(positives) if r.label), None),
-                source_ids=[r.id for r in free], source_from_name=positives[-1].from_name))
+                source_ids=[r.id for r in free], from_name=positives[-1].from_name))
         else:
             notes.append(f"{len(free)} negative keypoint(s) outside any rectangle and no positive one: "
                          f"add a positive keypoint on the object")
@@ -270,6 +289,15 @@ def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _points(g: PromptGroup) -> List[Tuple[str, Tuple[float, float], int]]:
+    """(region id, (x, y), label) of each of a group's points, in the prompt's order."""
+    p = g.prompt
+    if p.points is None:
+        return []
+    ids = g.source_ids[len(g.source_ids) - len(p.points):]  # a rectangle's id comes first
+    return [(rid, (x, y), lab) for rid, (x, y), lab in zip(ids, p.points.tolist(), p.labels.tolist())]
+
+
 def annotation_prompts(results: List[Dict[str, Any]], brush: List[Dict[str, Any]],
                        masks: List[np.ndarray]) -> List[Optional[ObjectPrompt]]:
     """One prompt (or None) per brush mask, rebuilt from the annotation's rectangles / keypoints.
@@ -294,22 +322,22 @@ def annotation_prompts(results: List[Dict[str, Any]], brush: List[Dict[str, Any]
     points: Dict[int, List[Tuple[Tuple[float, float], int, str]]] = {}
     chosen: Dict[int, PromptGroup] = {}
 
-    rects = [g for g in groups if g.box is not None]
+    rects = [g for g in groups if g.prompt.box is not None]
     pairs = []
     for gi, g in enumerate(rects):
         if g.source_ids[0] in link:
             pairs.append((2.0, gi, link[g.source_ids[0]]))  # above any IoU: the backend's own link
         else:
-            pairs += [(_box_iou(g.box, b), gi, k) for k, b in enumerate(boxes)]
+            pairs += [(_box_iou(g.prompt.box, b), gi, k) for k, b in enumerate(boxes)]
     used = set()
     for score, gi, k in sorted(pairs, key=lambda p: -p[0]):
         if score > 0 and gi not in used and k not in chosen:
             used.add(gi)
             chosen[k] = rects[gi]
 
-    free = next((g for g in groups if g.box is None), None)
+    free = next((g for g in groups if g.prompt.box is None), None)
     if free is not None:
-        items = list(zip(free.source_ids, free.points, free.point_labels))
+        items = _points(free)
         matched: List[Tuple[Tuple[float, float], int]] = []
         for rid, (x, y), label in items:
             if not label:
@@ -330,11 +358,11 @@ def annotation_prompts(results: List[Dict[str, Any]], brush: List[Dict[str, Any]
 
     for k in range(len(masks)):
         g = chosen.get(k)
-        pts = ([(p, lab, rid) for p, lab, rid in zip(g.points, g.point_labels, g.source_ids[1:])] if g else [])
+        pts = [(p, lab, rid) for rid, p, lab in _points(g)] if g else []
         pts += points.get(k, [])
         if g is None and not any(lab for _, lab, _ in pts):
             continue  # negatives alone are no prompt
-        out[k] = ObjectPrompt(box=None if g is None else np.array(g.box),
+        out[k] = ObjectPrompt(box=None if g is None else g.prompt.box,
                               points=np.array([p for p, _, _ in pts]) if pts else None,
                               labels=np.array([lab for _, lab, _ in pts]) if pts else None,
                               source=",".join(([g.source_ids[0]] if g else []) + [rid for _, _, rid in pts]))
