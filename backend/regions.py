@@ -96,7 +96,4 @@ def predict_regions(predictor, regions: List[dict], size: Tuple[int, int]):
 
     groups, _ = group_prompts(parse_regions(regions), size[0], size[1])
     (g,) = groups
-    if g.box is not None:
-        return predictor.predict(point_coords=np.array([g.points]) if g.points else None,
-                                 point_labels=np.array([g.point_labels]) if g.points else None, box=np.array([g.box]))
-    return predictor.predict(point_coords=np.array(g.points), point_labels=np.array(g.point_labels))
+    return predictor.predict_objects([g.prompt])

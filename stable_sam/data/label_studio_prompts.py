@@ -99,20 +99,6 @@ class PromptGroup:
     source_ids: List[str] = field(default_factory=list)
     from_name: str = ""
 
-    # Plain-list views of the prompt for callers that index a group's box and points as sequences
-    # (backend/regions.py); the prompt is the one copy.
-    @property
-    def box(self) -> Optional[Tuple[float, ...]]:
-        return None if self.prompt.box is None else tuple(float(v) for v in self.prompt.box)
-
-    @property
-    def points(self) -> List[Tuple[float, float]]:
-        return [] if self.prompt.points is None else [(float(x), float(y)) for x, y in self.prompt.points]
-
-    @property
-    def point_labels(self) -> List[int]:
-        return [] if self.prompt.labels is None else [int(v) for v in self.prompt.labels]
-
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or value is None:
