@@ -95,13 +95,13 @@ def test_a_worker_killed_mid_run_ends_with_every_image_done_once(cluster, job):
 
     runner = threading.Thread(target=run)
     runner.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # generous: on a loaded CPU two workers load the model slowly
     while not (journal_path(out).exists() and len(journal_ids(out)) >= 2):  # a first shard is back
         assert time.monotonic() < deadline and runner.is_alive(), result
         time.sleep(0.005)
     done_at_kill = len(journal_ids(out))
     ray.kill(ray.get_actor(ACTOR_NAME.format(0)), no_restart=False)  # SIGKILL; Ray restarts it
-    runner.join(timeout=120)
+    runner.join(timeout=600)
     assert not runner.is_alive() and "error" not in result, result
     summary = result["summary"]
     assert done_at_kill < N_IMAGES
