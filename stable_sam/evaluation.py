@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
-from .data.dataset import SegmentationDataset
+from .data.dataset import Sample, SegmentationDataset
 from .metrics import boundary_iou, mask_iou, stability
 from .model import StableSam
 from .modeling.plugin import StableSamPlugin
@@ -64,6 +64,17 @@ def protocol_prompts(mask: np.ndarray, prompt_type: str, n: int, rng: np.random.
 
 def prompt_rng(seed: int, image_index: int, object_index: int, prompt_type: str) -> np.random.Generator:
     return np.random.default_rng([seed, image_index, object_index, _TYPE_IDS[prompt_type]])
+
+
+def protocol_samples(dataset: SegmentationDataset, cfg: "ProtocolConfig", desc: str,
+                     progress: bool = True) -> Iterator[Tuple[Sample, Dict[str, List[Prompts]]]]:
+    """Every image of ``dataset`` that has objects: the sample, and per prompt type of
+    ``cfg`` the protocol's prompts of each object (the same seeded prompts for every model)."""
+    for index in tqdm(range(len(dataset)), desc=desc, unit="image", disable=not progress, dynamic_ncols=True):
+        sample = dataset[index]
+        if sample.masks:
+            yield sample, {t: [protocol_prompts(m, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
+                               for j, m in enumerate(sample.masks)] for t in cfg.prompt_types}
 
 
 @dataclass
@@ -169,19 +180,13 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
     images = objects = 0
     meters = {name: OffsetMeter(p) for name, p in plugins.items() if p is not None}
     try:
-        for index in tqdm(range(len(dataset)), desc="benchmark", unit="image", disable=not progress,
-                          dynamic_ncols=True):
-            sample = dataset[index]
-            if not sample.masks:
-                continue
+        for sample, prompts_of in protocol_samples(dataset, cfg, "benchmark", progress):
             images += 1
             objects += len(sample.masks)
             embedding = model.embed(sample.image)
             for predictor in predictors.values():
                 predictor.set_embedding(embedding)
-            for t in cfg.prompt_types:
-                prompts = [protocol_prompts(m, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
-                           for j, m in enumerate(sample.masks)]
+            for t, prompts in prompts_of.items():
                 counts = [len(p) for p in prompts]
                 new_cases = []  # the first object of each of the first images: no picking
                 if t in cfg.figure_types and sum(c.prompt_type == t for c in cases) < cfg.figure_cases:

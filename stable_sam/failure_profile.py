@@ -32,10 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .data.dataset import SegmentationDataset
-from .evaluation import PROMPT_TYPES, Prompts, ProtocolConfig, prompt_rng, protocol_prompts, predict_protocol
+from .evaluation import PROMPT_TYPES, Prompts, ProtocolConfig, predict_protocol, protocol_samples
 from .metrics import boundary_width, mask_iou
 from .model import StableSam
 from .modeling.plugin import StableSamPlugin
@@ -125,11 +124,7 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
     outside: List[float] = []
     clicked: List[Tuple[float, float]] = []  # (IoU before, after) of each negative click
     images = objects = 0
-    for index in tqdm(range(len(dataset)), desc="failure profile", unit="image", disable=not progress,
-                      dynamic_ncols=True):
-        sample = dataset[index]
-        if not sample.masks:
-            continue
+    for sample, prompts_of in protocol_samples(dataset, cfg, "failure profile", progress):
         images += 1
         objects += len(sample.masks)
         predictor.set_image(sample.image)
@@ -137,9 +132,7 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
         union = np.zeros_like(sample.masks[0])
         for m in sample.masks:
             union |= m
-        for t in cfg.prompt_types:
-            prompts = [protocol_prompts(m, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
-                       for j, m in enumerate(sample.masks)]
+        for t, prompts in prompts_of.items():
             masks, _ = predict_protocol(predictor, prompts, t, use_plugin)
             offsets = np.cumsum([0] + [len(p) for p in prompts])
             for j, gt in enumerate(sample.masks):
