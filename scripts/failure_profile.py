@@ -27,7 +27,9 @@ from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import is_generated, open_dataset
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig
+from stable_sam.data.synthetic_split import SyntheticSplit
 from stable_sam.failure_profile import failure_profile, profile_table
+from stable_sam.world_oracle import region_fit_oracle
 
 DEFAULT_DATASET = "regions:heldout"
 DEFAULT_IMAGES = 60
@@ -89,9 +91,18 @@ def main(argv=None) -> int:
     if neg:
         print(f"a negative click on a wrongly included region raised IoU in {neg['raised_share']} % of "
               f"{neg['cases']} cases (mean IoU {neg['iou_before']} -> {neg['iou_after']})")
+    # The region world also says what choosing among its regions alone costs (no network).
+    oracle = (region_fit_oracle(dataset, cfg)
+              if isinstance(dataset, SyntheticSplit) and str(args.dataset).startswith("regions:") else None)
+    if oracle:
+        print(f"region-fit oracle (a model that picks the region a prompt fits best; no network): "
+              f"mIoU {oracle['types']}; noisy-0.4 / GT box {oracle['noisy04_over_gt']}, 1 point / 3 points "
+              f"{oracle['point1_over_point3']}; {oracle['noisy04_other_region_share']} % of noisy-0.4 boxes "
+              f"fit another region best")
     if args.json:
-        print(json.dumps({k: profile[k] for k in ("types", "noisy04_over_gt", "point1_over_point3",
-                                                  "outside_box_share", "negative_click", "images", "objects")}))
+        out = {k: profile[k] for k in ("types", "noisy04_over_gt", "point1_over_point3",
+                                       "outside_box_share", "negative_click", "images", "objects")}
+        print(json.dumps({**out, "world_oracle": oracle}))
     return 0
 
 

@@ -129,6 +129,9 @@ def test_failure_profile_script_json_contract(tmp_path):
     for row in last["types"].values():
         assert set(row) == {"miou", "fn", "fp_neighbour", "fp_band", "fp_far"}
         assert 0 <= row["miou"] <= 100 and all(row[k] >= 0 for k in row)
+    oracle = last["world_oracle"]  # the default dataset is the region world
+    assert set(oracle) == {"types", "noisy04_over_gt", "point1_over_point3", "noisy04_other_region_share"}
+    assert oracle["types"]["gt_box"] >= 95
     types = last["types"]
     assert last["noisy04_over_gt"] == pytest.approx(types["noisy_box_0.4"]["miou"] / types["gt_box"]["miou"], abs=1e-3)
     bad = subprocess.run(cmd[:2] + ["--dataset", "regions:nowhere"], capture_output=True, text=True, timeout=120,
