@@ -10,7 +10,7 @@ Coordinates are pixels, x before y; boxes are XYXY. Two families live here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,6 +89,15 @@ def sam_jittered_box(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     noise = rng.normal(0.0, 0.1, 4) * np.array([w, h, w, h])
     noise = np.clip(noise, -20, 20)
     return clamp_box(box + noise, *mask.shape)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two XYXY boxes."""
+    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+    inter = iw * ih
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def noisy_box(mask: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:

@@ -25,18 +25,9 @@ import numpy as np
 from .data.synthetic_split import SyntheticSplit
 from .evaluation import ProtocolConfig, prompt_rng, protocol_prompts
 from .metrics import mask_iou
-from .prompts import mask_to_box
+from .prompts import box_iou, mask_to_box
 
 ORACLE_TYPES = ("gt_box", "noisy_box_0.2", "noisy_box_0.4", "point1", "point3")
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two XYXY boxes (4,)."""
-    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
-    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
-    inter = iw * ih
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def region_fit(targets: List[np.ndarray], target_boxes: List[np.ndarray], box: np.ndarray) -> int:

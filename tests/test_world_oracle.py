@@ -5,8 +5,8 @@ import pytest
 
 from stable_sam.data.sources import open_dataset
 from stable_sam.evaluation import ProtocolConfig
-from stable_sam.prompts import mask_to_box
-from stable_sam.world_oracle import box_iou, containing, region_fit, region_fit_oracle
+from stable_sam.prompts import box_iou, mask_to_box
+from stable_sam.world_oracle import containing, region_fit, region_fit_oracle
 
 
 def square(h, w, x0, y0, x1, y1):

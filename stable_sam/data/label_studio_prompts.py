@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..echo import clip
-from ..prompts import ObjectPrompt, mask_to_box
+from ..prompts import ObjectPrompt, box_iou, mask_to_box
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +267,6 @@ def result_regions(task: Dict[str, Any], sources: Sequence[str] = PROMPT_SOURCES
 
 # -- an annotation's own prompts -------------------------------------------------------------------
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _points(g: PromptGroup) -> List[Tuple[str, Tuple[float, float], int]]:
     """(region id, (x, y), label) of each of a group's points, in the prompt's order."""
     p = g.prompt
@@ -314,7 +306,7 @@ def annotation_prompts(results: List[Dict[str, Any]], brush: List[Dict[str, Any]
         if g.source_ids[0] in link:
             pairs.append((2.0, gi, link[g.source_ids[0]]))  # above any IoU: the backend's own link
         else:
-            pairs += [(_box_iou(g.prompt.box, b), gi, k) for k, b in enumerate(boxes)]
+            pairs += [(box_iou(g.prompt.box, b), gi, k) for k, b in enumerate(boxes)]
     used = set()
     for score, gi, k in sorted(pairs, key=lambda p: -p[0]):
         if score > 0 and gi not in used and k not in chosen:
