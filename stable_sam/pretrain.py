@@ -60,6 +60,9 @@ class PretrainConfig:
     eval_images: int = 48
     world: str = "synthetic"  # "synthetic" (objects only) or "regions" (every region a target)
     checkpoint_every: int = 25  # steps between resumable training states
+    # SAM caps its box jitter at 20 px of a 1024-px input, so large objects get a nearly tight box;
+    # 5 is that cap at the small SAM's 256 px (20 made the committed checkpoints).
+    box_jitter_max_px: float = 20.0
 
 
 def image_to_tensor(sam: Sam, image: np.ndarray) -> torch.Tensor:
@@ -88,7 +91,7 @@ def _group_loss(sam: Sam, embeddings: torch.Tensor, items: List[Tuple[int, np.nd
     gt_np = np.stack([_pad(m, size) for m in masks])
     gt = torch.as_tensor(gt_np, device=dev)[:, None]  # P x 1 x S x S
     valid = torch.as_tensor(np.stack([_pad(np.ones(m.shape, bool), size) for m in masks]), device=dev)[:, None]
-    boxes = None if use_points else torch.as_tensor(np.stack([sam_jittered_box(m, rng) for m in masks]), device=dev)
+    boxes = None if use_points else torch.as_tensor(np.stack([sam_jittered_box(m, rng, cfg.box_jitter_max_px) for m in masks]), device=dev)
     coords = np.zeros((p, 0, 2), np.float32)
     labels = np.zeros((p, 0), np.int64)
     if use_points:
@@ -246,7 +249,8 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path, log: Callable[[s
     state_path = training_state_path(out_path)
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
+        # A state from before a knob existed was trained with that knob's default.
+        if {**asdict(PretrainConfig()), **state["config"]} != asdict(cfg):
             raise ValueError(f"{state_path} was written by another config; remove it or pass the same "
                              f"arguments (saved: {state['config']})")
         sam.load_state_dict(state["model"])

@@ -82,12 +82,13 @@ def clamp_box(box: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.array([x0, y0, x1, y1], dtype=np.float32)
 
 
-def sam_jittered_box(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """SAM's training box: each coordinate moved by N(0, 10% of the box side), at most 20 px."""
+def sam_jittered_box(mask: np.ndarray, rng: np.random.Generator, max_px: float = 20.0) -> np.ndarray:
+    """SAM's training box: each coordinate moved by N(0, 10% of the box side), at most ``max_px``
+    (SAM: 20 px on its 1024-px input)."""
     box = mask_to_box(mask)
     w, h = box[2] - box[0], box[3] - box[1]
     noise = rng.normal(0.0, 0.1, 4) * np.array([w, h, w, h])
-    noise = np.clip(noise, -20, 20)
+    noise = np.clip(noise, -max_px, max_px)
     return clamp_box(box + noise, *mask.shape)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from stable_sam.data.synthetic import TRAIN_SEED, SyntheticScenes
@@ -104,3 +105,37 @@ def test_scenes_drawn_ahead_in_workers_are_the_loops_own_batches():
     early = scene_batches(scenes, 0, replace(cfg, steps=1000), workers=2)
     assert len(next(early)) <= 3
     early.close()  # a run that stops early shuts its workers down, without drawing the rest
+
+
+def test_sam_box_jitter_is_capped_in_pixels():
+    from stable_sam.prompts import mask_to_box, sam_jittered_box
+
+    mask = np.zeros((256, 256), bool)
+    mask[20:236, 30:230] = True  # 10 % of the side is 20 px: the cap binds
+    tight = mask_to_box(mask)
+    rng = np.random.default_rng(0)
+    capped = np.stack([sam_jittered_box(mask, rng, max_px=5.0) for _ in range(200)]) - tight
+    wide = np.stack([sam_jittered_box(mask, rng) for _ in range(200)]) - tight
+    assert np.abs(capped).max() <= 5.0 + 1e-4 and np.abs(capped).max() > 4.0
+    assert np.abs(wide).max() > 10.0
+
+
+def test_a_state_saved_before_a_knob_existed_resumes(tmp_path):
+    from stable_sam.pretrain import pretrain_sam, training_state_path
+
+    cfg = replace(PretrainConfig(), steps=1, batch_size=1, masks_per_image=1, iterations=1,
+                  eval_every=1000, eval_images=1, checkpoint_every=1)
+    torch.manual_seed(0)
+    out = tmp_path / "tiny.pt"
+    pretrain_sam(build_sam_tiny(), cfg, out, log=lambda _: None)
+    state_path = training_state_path(out)
+    state = torch.load(state_path, weights_only=False)
+    del state["config"]["box_jitter_max_px"]  # as written before the knob
+    torch.save(state, state_path)
+    lines = []
+    pretrain_sam(build_sam_tiny(), cfg, out, log=lines.append)
+    assert any("resumed" in line for line in lines)
+    state["config"]["lr"] = cfg.lr * 2  # another config is still refused
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="another config"):
+        pretrain_sam(build_sam_tiny(), cfg, out, log=lambda _: None)
