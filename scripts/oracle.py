@@ -5,6 +5,8 @@ attention of the same decoder layer, both trained and evaluated on one small set
     python scripts/oracle.py                           # 10 region-world training images, 5 epochs
     python scripts/oracle.py --checkpoint runs/x.pt --images 20 --epochs 3 --json
     python scripts/oracle.py --variant offsets --variant projection --offset-lr-scale 0.1
+    python scripts/oracle.py --images 600 --start 100000 --epochs 1 \
+        --eval-dataset regions:heldout --eval-start 1000 --eval-images 40   # held out: RTS's setting
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--variant", action="append", default=[], choices=[p for p in TRAINABLE_PARTS if p != "all"],
                     help="also train a plugin with only this part learning")
     ap.add_argument("--prompts", type=int, default=10, help="evaluation prompts per object and type")
+    ap.add_argument("--eval-dataset", default=None,
+                    help="evaluate on this dataset instead (default: the training images: the same-set oracle)")
+    ap.add_argument("--eval-start", type=int, default=0)
+    ap.add_argument("--eval-images", type=int, default=None, help="(with --eval-dataset) number of images")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return ap.parse_args(argv)
@@ -49,6 +55,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         dataset = open_dataset(args.dataset, limit=args.images, start=args.start)
+        eval_set = (open_dataset(args.eval_dataset, limit=args.eval_images, start=args.eval_start)
+                    if args.eval_dataset else dataset)
         model = build("sam_tiny", sam_checkpoint=args.checkpoint, device="cpu")
         cfg = RTSConfig(epochs=args.epochs, lr=args.lr, offset_lr_scale=args.offset_lr_scale, probe_images=0)
     except (DatasetError, CheckpointError, ValueError) as e:
@@ -60,12 +68,14 @@ def main(argv=None) -> int:
     plugins["plugin"], _ = fit_plugin(model, dataset, cfg)
     for part in args.variant:
         plugins[f"plugin ({part} only)"], _ = fit_plugin(model, dataset, RTSConfig(**{**cfg.__dict__, "trainable": part}))
-    summary = evaluate(model, dataset, plugins, protocol, progress=False).summary()
+    summary = evaluate(model, eval_set, plugins, protocol, progress=False).summary()
     attention_params = sum(p.numel() for p in attention_module(model).parameters())
     with attention_finetuned(model, dataset, cfg):
-        summary["attention fine-tune"] = evaluate(model, dataset, {"sam": None}, protocol, progress=False).summary()["sam"]
-    print(f"{dataset.description}: trained and evaluated on the same {args.images} images, {args.epochs} epochs, "
-          f"lr {args.lr}; {time.time() - start:.0f} s\n")
+        summary["attention fine-tune"] = evaluate(model, eval_set, {"sam": None}, protocol, progress=False).summary()["sam"]
+    where = ("evaluated on the same images" if eval_set is dataset
+             else f"evaluated on {eval_set.description}")
+    print(f"trained on {dataset.description}, {where}; {args.epochs} epochs, lr {args.lr}; "
+          f"{time.time() - start:.0f} s\n")
     print(variants_table(summary))
     print(f"\nattention fine-tune: {attention_params} parameters (SAM's layer-2 token-to-image attention)")
 
