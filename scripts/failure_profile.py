@@ -25,9 +25,9 @@ from stable_sam.build import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import is_generated, open_dataset
+from stable_sam.data.synthetic_split import SyntheticSplit
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig
-from stable_sam.data.synthetic_split import SyntheticSplit
 from stable_sam.failure_profile import failure_profile, profile_table
 from stable_sam.world_oracle import region_fit_oracle
 

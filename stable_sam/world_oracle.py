@@ -30,8 +30,8 @@ from .prompts import box_iou, mask_to_box
 ORACLE_TYPES = ("gt_box", "noisy_box_0.2", "noisy_box_0.4", "point1", "point3")
 
 
-def region_fit(targets: List[np.ndarray], target_boxes: List[np.ndarray], box: np.ndarray) -> int:
-    """Index of the target whose tight box (XYXY) best fits ``box``."""
+def region_fit(target_boxes: List[np.ndarray], box: np.ndarray) -> int:
+    """Index of the target whose tight box (XYXY, one per target) best fits ``box``."""
     return int(np.argmax([box_iou(box, tb) for tb in target_boxes]))
 
 
@@ -62,7 +62,7 @@ def region_fit_oracle(split: SyntheticSplit, cfg: ProtocolConfig) -> Dict[str, o
                 prompts = protocol_prompts(mask, t, cfg.prompts_per_object, prompt_rng(cfg.seed, index, j, t))
                 if prompts.boxes is not None:
                     for box in prompts.boxes:
-                        picked = scene.targets[region_fit(scene.targets, target_boxes, box)]
+                        picked = scene.targets[region_fit(target_boxes, box)]
                         ious[t].append(float(mask_iou(picked, mask)))
                         if t == "noisy_box_0.4":
                             noisy += 1
