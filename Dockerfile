@@ -20,7 +20,9 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install -r requirements.txt
+# sam2 is a source distribution: built without its optional CUDA extension, with this venv's torch
+RUN pip install --upgrade pip setuptools \
+    && SAM2_BUILD_CUDA=0 pip install --no-build-isolation -r requirements.txt
 
 COPY stable_sam/ stable_sam/
 COPY backend/ backend/
