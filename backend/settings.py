@@ -26,7 +26,8 @@ def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, default).strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0,
+         maximum: Optional[int] = None) -> int:
     raw = _str(env, name)
     if not raw:
         return default
@@ -36,10 +37,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise SettingsError(f"{name}={raw!r} is not a number") from e
     if value < minimum:
         raise SettingsError(f"{name}={value} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={value} must be <= {maximum}")
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0,
+           maximum: Optional[float] = None) -> float:
     raw = _str(env, name)
     if not raw:
         return default
@@ -47,8 +51,10 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError as e:
         raise SettingsError(f"{name}={raw!r} is not a number") from e
-    if value < minimum:
+    if not minimum <= value:  # also NaN
         raise SettingsError(f"{name}={value} must be >= {minimum}")
+    if maximum is not None and not value <= maximum:
+        raise SettingsError(f"{name}={value} must be <= {maximum}")
     return value
 
 
@@ -93,6 +99,9 @@ def _host_list(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
         out.append(item)
     return tuple(out)
 
+
+MAX_POLYGON_TOLERANCE_PX = 20.0  # beyond this a polygon no longer follows the mask
+MAX_MIN_REGION_PX = 10**8  # areas in pixels: above MAX_IMAGE_PIXELS' scale is a typo
 
 # Field -> environment variable, for ``to_env``: the field's name in capitals, but for these.
 ENV_NAMES = {"local_files_root": "LOCAL_FILES_DOCUMENT_ROOT"}
@@ -155,6 +164,15 @@ class BackendSettings(ModelSettings):
     threads: int = 8  # THREADS: gunicorn threads per worker
     torch_threads: int = 0  # TORCH_THREADS: torch intra-op threads per worker (0: torch default)
     log_level: str = "INFO"  # LOG_LEVEL
+    # Masks out (backend/results.py): islands and holes under MASK_MIN_REGION_PX pixels are removed
+    # (SAM's remove_small_regions) from brush and polygon results alike. A config with a
+    # PolygonLabels control on the image gets polygons: one per piece of at least
+    # POLYGON_MIN_AREA_PX pixels (the largest always), or the largest alone, simplified within
+    # POLYGON_TOLERANCE_PX pixels; holes are dropped (Label Studio's polygons have none).
+    mask_min_region_px: int = 0  # MASK_MIN_REGION_PX (0: off)
+    polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: 0..20
+    polygon_min_area_px: int = 16  # POLYGON_MIN_AREA_PX
+    polygon_largest_only: bool = False  # POLYGON_LARGEST_ONLY=1: one polygon per object
     # Adaptation (training jobs, see backend/jobs.py): START_TRAINING always starts a job;
     # TRAIN_EVERY_N > 0 also starts one after every N ANNOTATION_CREATED / _UPDATED of a project.
     train_every_n: int = 0  # TRAIN_EVERY_N (0: off)
@@ -205,6 +223,11 @@ class BackendSettings(ModelSettings):
             threads=_int(env, "THREADS", cls.threads, 1),
             torch_threads=_int(env, "TORCH_THREADS", cls.torch_threads, 0),
             log_level=(_str(env, "LOG_LEVEL") or cls.log_level).upper(),
+            mask_min_region_px=_int(env, "MASK_MIN_REGION_PX", cls.mask_min_region_px, 0, MAX_MIN_REGION_PX),
+            polygon_tolerance_px=_float(env, "POLYGON_TOLERANCE_PX", cls.polygon_tolerance_px, 0.0,
+                                        MAX_POLYGON_TOLERANCE_PX),
+            polygon_min_area_px=_int(env, "POLYGON_MIN_AREA_PX", cls.polygon_min_area_px, 0, MAX_MIN_REGION_PX),
+            polygon_largest_only=_bool(env, "POLYGON_LARGEST_ONLY", cls.polygon_largest_only),
             train_every_n=_int(env, "TRAIN_EVERY_N", cls.train_every_n, 0),
             train_init=_choice(env, "TRAIN_INIT", cls.train_init, ("current", "fresh")),
             train_holdout=_fraction(env, "TRAIN_HOLDOUT", cls.train_holdout),
