@@ -27,7 +27,7 @@ from .data.dataset import Sample, SegmentationDataset, load_image
 from .data.synthetic import TRAIN_SEED, SyntheticScenes
 from .data.synthetic_split import SyntheticSplit
 from .embedding_cache import EmbeddingCache
-from .model import StableSam
+from .model import ImageEmbedding, StableSam
 from .modeling.plugin import StableSamPlugin
 from .predictor import StableSamPredictor
 from .pretrain import PretrainConfig, batch_scenes, train_step
@@ -70,8 +70,16 @@ def random_model(model_type: str, device: torch.device, plugin: Optional[StableS
     """A ``StableSam`` of ``model_type`` with random SAM weights (timing only: masks are meaningless,
     costs are real) and ``plugin`` (default: a live random one)."""
     with default_device(device):
-        sam = build_sam(model_type, None)
-    return StableSam(sam, plugin or live_plugin(), model_type, f"{model_type}-random", device, "bench", cache)
+        adapter = build_sam(model_type, None)
+    return StableSam(adapter, plugin or live_plugin(), model_type, f"{model_type}-random", device, "bench", cache)
+
+
+def random_embedding(model: StableSam, h: int, w: int, seed: int = 0) -> ImageEmbedding:
+    """Random image features of an H x W image, of the shapes the model's encoder makes (the
+    decoder's cost does not depend on their values): timing the decoder without the encoder."""
+    g = torch.Generator().manual_seed(seed)
+    maps = [torch.randn((1, *shape), generator=g).to(model.device) for shape in model.adapter.feature_shapes()]
+    return ImageEmbedding(maps[0], (h, w), model.adapter.input_size(h, w), "random", tuple(maps[1:]))
 
 
 def interactive_prompts(h: int, w: int, many_boxes: int = 16) -> Dict[str, dict]:
@@ -160,7 +168,8 @@ def time_plugin_parts(plugin: StableSamPlugin, grid_hw: Tuple[int, int], device:
 
 def time_encoder(model: StableSam, inputs: Sequence[torch.Tensor], autocast: Optional[torch.dtype] = None,
                  default_policy: bool = False) -> float:
-    """Mean seconds of the image encoder's forward per input (each 1 x 3 x S x S, preprocessed).
+    """Mean seconds of the image encoder (the adapter's ``encode``: SAM 2's includes its feature
+    preparation) per input (each 1 x 3 x S x S, preprocessed).
     ``default_policy``: under the model's own ``encoder_autocast`` (what the product runs); else
     under ``autocast`` (a dtype) or none (fp32)."""
     total = 0.0
@@ -175,7 +184,7 @@ def time_encoder(model: StableSam, inputs: Sequence[torch.Tensor], autocast: Opt
             sync(model.device)
             t = time.perf_counter()
             with ctx:
-                model.sam.image_encoder(x)
+                model.adapter.encode(x)
             sync(model.device)
             total += time.perf_counter() - t
     return total / len(inputs)

@@ -14,19 +14,23 @@ from .checkpoint import load_plugin
 from .download import OFFICIAL_CHECKPOINTS, CheckpointError, ensure_official_checkpoint, file_sha256
 from .embedding_cache import EmbeddingCache
 from .model import UNTRAINED_PLUGIN, StableSam
+from .modeling.adapter import SamAdapter
 from .modeling.plugin import StableSamPlugin
+from .modeling.sam1_adapter import Sam1Adapter
+from .modeling.sam2_adapter import SAM2_CONFIGS, Sam2Adapter, build_sam2_model
 from .modeling.sam_tiny import build_sam_tiny
 from .settings import SAM_TINY_CHECKPOINT, ModelSettings
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("sam_tiny", "vit_b", "vit_l", "vit_h")
-_BUILDERS: Dict[str, Callable[..., Sam]] = {
+_SAM1_BUILDERS: Dict[str, Callable[..., Sam]] = {
     "sam_tiny": build_sam_tiny,
     "vit_b": sam_model_registry["vit_b"],
     "vit_l": sam_model_registry["vit_l"],
     "vit_h": sam_model_registry["vit_h"],
 }
+SAM2_TYPES = tuple(SAM2_CONFIGS)  # sam2.1_hiera_tiny | small | base_plus | large
+MODEL_TYPES = tuple(_SAM1_BUILDERS) + SAM2_TYPES
 
 
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -39,24 +43,46 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     return dev
 
 
-def build_sam(model_type: str, checkpoint: Optional[Path]) -> Sam:
-    """A bare SAM of ``model_type``; random weights when ``checkpoint`` is None (benchmarks only)."""
-    if model_type not in _BUILDERS:
-        raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {MODEL_TYPES}")
+def _build_sam1(model_type: str, checkpoint: Optional[Path]) -> Sam:
     if checkpoint is None:
-        return _BUILDERS[model_type]()
-    if not Path(checkpoint).is_file():
-        raise CheckpointError(f"SAM checkpoint not found: {checkpoint}")
+        return _SAM1_BUILDERS[model_type]()
     if model_type == "sam_tiny":
         return build_sam_tiny(checkpoint)
     # segment_anything's builders torch.load() without map_location: load on CPU ourselves.
-    sam = _BUILDERS[model_type]()
+    sam = _SAM1_BUILDERS[model_type]()
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     try:
         sam.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint} is not a SAM {model_type} checkpoint: {str(e)[:300]}") from e
     return sam
+
+
+def _build_sam2(model_type: str, checkpoint: Optional[Path]):
+    try:
+        return build_sam2_model(model_type, checkpoint)
+    except Exception as e:  # the loader raises KeyError, RuntimeError or unpickling errors
+        if checkpoint is None:
+            raise
+        raise CheckpointError(f"{checkpoint} is not a SAM 2.1 {model_type} checkpoint (the official layout "
+                              f"{{'model': state_dict}} of that model): {e.__class__.__name__}: {str(e)[:300]}") from e
+
+
+# One entry per model type: its family's builder and adapter.
+_ADAPTERS: Dict[str, Callable[[str, Optional[Path]], SamAdapter]] = {
+    **{t: lambda t_, c: Sam1Adapter(_build_sam1(t_, c)) for t in _SAM1_BUILDERS},
+    **{t: lambda t_, c: Sam2Adapter(_build_sam2(t_, c)) for t in SAM2_TYPES},
+}
+
+
+def build_sam(model_type: str, checkpoint: Optional[Path]) -> SamAdapter:
+    """A bare SAM of ``model_type`` (on CPU) behind its family's adapter; random weights when
+    ``checkpoint`` is None (benchmarks and tests only)."""
+    if model_type not in _ADAPTERS:
+        raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {MODEL_TYPES}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CheckpointError(f"SAM checkpoint not found: {checkpoint}")
+    return _ADAPTERS[model_type](model_type, checkpoint)
 
 
 def resolve_sam_checkpoint(model_type: str, sam_checkpoint: Optional[Union[str, Path]],
@@ -79,10 +105,13 @@ def resolve_sam_checkpoint(model_type: str, sam_checkpoint: Optional[Union[str, 
 
 def model_identity(model_type: str, checkpoint: Path) -> str:
     """``<type>-<sha256 prefix>``: the cache key prefix and the base of ``model_version``. An
-    official file (same name and size) is not re-hashed: 2.5 GB take seconds."""
+    official file (same name and size) is not re-hashed: 2.5 GB take seconds. SAM 2.1's official
+    files have no published size or checksum: the name alone marks one (``<type>-<release>``), so
+    give weights of your own another file name."""
     official = OFFICIAL_CHECKPOINTS.get(model_type)
-    if official and checkpoint.name == official.filename and checkpoint.stat().st_size == official.size:
-        return f"{model_type}-{official.sha256[:12]}"
+    if (official and checkpoint.name == official.filename
+            and (official.size is None or checkpoint.stat().st_size == official.size)):
+        return f"{model_type}-{official.identity}"
     return f"{model_type}-{file_sha256(checkpoint)[:12]}"
 
 
@@ -95,7 +124,7 @@ def build(model_type: str = "sam_tiny", sam_checkpoint: Optional[Union[str, Path
     model_dir = Path(model_dir) if model_dir is not None else ModelSettings().model_dir
     dev = resolve_device(device)
     ckpt = resolve_sam_checkpoint(model_type, sam_checkpoint, model_dir, download)
-    sam = build_sam(model_type, ckpt)
+    adapter = build_sam(model_type, ckpt)
     model_id = model_identity(model_type, ckpt)
     if plugin_checkpoint is not None:
         loaded = load_plugin(plugin_checkpoint, model_type=model_type)
@@ -103,7 +132,7 @@ def build(model_type: str = "sam_tiny", sam_checkpoint: Optional[Union[str, Path
     else:
         plugin, version = StableSamPlugin(), UNTRAINED_PLUGIN
     log.info("serving SAM %s from %s with plugin %s on %s", model_type, ckpt, version, dev)
-    return StableSam(sam, plugin, model_type, model_id, dev, version, cache)
+    return StableSam(adapter, plugin, model_type, model_id, dev, version, cache)
 
 
 def build_from_settings(settings: Optional[ModelSettings] = None, **overrides) -> StableSam:

@@ -1,7 +1,8 @@
 """Image-embedding cache: the encoder runs once per distinct image and model.
 
-Keys are ``<model id>/<image content hash>``. An in-memory LRU bounded in MB holds the embeddings
-on the model's device; an optional on-disk store keeps them across restarts. Thread-safe: two
+Keys are ``<model id>/<image content hash>``; a value is what the encoder made of the image: one
+tensor, or a tuple of them (SAM 2: the embedding and its high-resolution maps), every byte of
+which counts against the bound. An in-memory LRU bounded in MB holds them on the model's device; an optional on-disk store keeps them across restarts. Thread-safe: two
 threads asking for the same new image wait for one encoder call instead of running two.
 """
 
@@ -13,7 +14,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +22,14 @@ import torch
 from .checkpoint import atomic_torch_save
 
 log = logging.getLogger(__name__)
+
+Features = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # what one image's entry holds
+
+
+def features_nbytes(value: Features) -> int:
+    """Bytes of a tensor or of all tensors of a tuple."""
+    tensors = (value,) if isinstance(value, torch.Tensor) else value
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def image_hash(image: np.ndarray) -> str:
@@ -37,7 +46,7 @@ class EmbeddingCache:
     def __init__(self, max_mb: float = 512.0, disk_dir: Optional[Path] = None) -> None:
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.disk_dir = Path(disk_dir) if disk_dir else None
-        self._items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._items: "OrderedDict[str, Features]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._inflight: Dict[str, threading.Lock] = {}
@@ -57,28 +66,28 @@ class EmbeddingCache:
             return {"hits": self.hits, "misses": self.misses, "disk_hits": self.disk_hits,
                     "entries": len(self._items), "mb": self._bytes / 2**20, "max_mb": self.max_bytes / 2**20}
 
-    def get(self, key: str) -> Optional[torch.Tensor]:
+    def get(self, key: str) -> Optional[Features]:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: str, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: str, value: Features) -> None:
+        size = features_nbytes(value)
         with self._lock:
             if key in self._items:
                 old = self._items.pop(key)
-                self._bytes -= old.numel() * old.element_size()
+                self._bytes -= features_nbytes(old)
             if size > self.max_bytes:
                 return
             self._items[key] = value
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, old = self._items.popitem(last=False)
-                self._bytes -= old.numel() * old.element_size()
+                self._bytes -= features_nbytes(old)
 
-    def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get_or_compute(self, key: str, compute: Callable[[], Features]) -> Features:
         """The cached embedding for ``key``, else ``compute()`` once (even under concurrent calls)."""
         value = self.get(key)
         if value is not None:
@@ -111,7 +120,7 @@ class EmbeddingCache:
             return None
         return self.disk_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".pt")
 
-    def _load_from_disk(self, key: str) -> Optional[torch.Tensor]:
+    def _load_from_disk(self, key: str) -> Optional[Features]:
         path = self._disk_path(key)
         if path is None or not path.is_file():
             return None
@@ -124,10 +133,11 @@ class EmbeddingCache:
             self.disk_hits += 1
         return value
 
-    def _save_to_disk(self, key: str, value: torch.Tensor) -> None:
+    def _save_to_disk(self, key: str, value: Features) -> None:
         path = self._disk_path(key)
         if path is not None:
             try:
-                atomic_torch_save(value.detach().cpu(), path)
+                cpu = value.detach().cpu() if isinstance(value, torch.Tensor) else tuple(t.detach().cpu() for t in value)
+                atomic_torch_save(cpu, path)
             except OSError as e:
                 log.warning("could not store embedding %s on disk: %s", path, e)

@@ -71,7 +71,7 @@ def fit_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig,
 
 def attention_module(model: StableSam, layer: int = 1) -> nn.Module:
     """SAM's token-to-image attention of decoder layer ``layer`` (the plugin's layer)."""
-    return model.sam.mask_decoder.transformer.layers[layer].cross_attn_token_to_image
+    return model.adapter.mask_decoder.transformer.layers[layer].cross_attn_token_to_image
 
 
 @contextlib.contextmanager

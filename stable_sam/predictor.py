@@ -141,7 +141,7 @@ class StableSamPredictor:
         masks = None
         if mask_input is not None:
             masks = _as_float_array(mask_input, "mask_input")
-            side = 4 * self.model.sam.prompt_encoder.image_embedding_size[0]
+            side = self.model.adapter.low_res_side
             if masks.ndim == 3:
                 masks = masks[:, None]
             if masks.shape != (n, 1, side, side):
@@ -216,24 +216,25 @@ class StableSamPredictor:
     def _predict_batch(self, points, labels, boxes, masks, start: int, stop: int, multimask: bool,
                        use_plugin: bool) -> Tuple[np.ndarray, ...]:
         model, image, dev = self.model, self.image, self.model.device
+        adapter = model.adapter
         sl = slice(start, stop)
         pt = bx = mk = None
         if points is not None:
-            coords = model.transform.apply_coords(points[sl], image.original_size)
-            pt = (torch.as_tensor(coords, dtype=torch.float32, device=dev),
+            pt = (adapter.points_to_input(points[sl], image.original_size, dev),
                   torch.as_tensor(labels[sl], dtype=torch.int64, device=dev))
         if boxes is not None:
-            bx = torch.as_tensor(model.transform.apply_boxes(boxes[sl], image.original_size),
-                                 dtype=torch.float32, device=dev)
+            bx = adapter.boxes_to_input(boxes[sl], image.original_size, dev)
         if masks is not None:
             mk = torch.as_tensor(masks[sl], dtype=torch.float32, device=dev)
         plugin = (self.plugin or model.plugin) if use_plugin else None
-        low, iou, alpha = model.decode(image.embedding, pt, bx, mk, multimask, plugin)
+        low, iou, alpha = model.decode(image.features, pt, bx, mk, multimask, plugin)
         best = iou.argmax(dim=1)
         rows = torch.arange(len(best), device=dev)
         low, iou = low[rows, best][:, None], iou[rows, best]
-        logits = model.sam.postprocess_masks(low, image.input_size, image.original_size)[:, 0]
-        thr = model.sam.mask_threshold
+        logits = adapter.postprocess(low, image.input_size, image.original_size)[:, 0]
+        thr = adapter.mask_threshold
         stability = calculate_stability_score(logits, thr, 1.0)
+        if adapter.feedback_clamp is not None:  # SAM 2 hands back its low-res logits clamped
+            low = low.clamp(-adapter.feedback_clamp, adapter.feedback_clamp)
         return ((logits > thr).cpu().numpy(), iou.float().cpu().numpy(), stability.float().cpu().numpy(),
                 low.float().cpu().numpy(), alpha.float().cpu().numpy() if alpha is not None else None)

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,8 +42,7 @@ from .data.dataset import Sample, SegmentationDataset
 from .losses import bce_dice_loss
 from .lr_schedule import warmup_cosine
 from .model import ImageEmbedding, StableSam
-from .modeling.batched_decode import decode_on_own_images
-from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable, route
+from .modeling.plugin import PluginConfig, StableSamPlugin, count_trainable
 from .prompts import mask_to_box, negative_points, noisy_box, sample_points
 
 PROMPT_KINDS = ("gt_box", "noisy_box", "points")
@@ -131,17 +130,15 @@ def input_frame_target(model: StableSam, mask: np.ndarray, emb: ImageEmbedding) 
     return F.pad(t, (0, s - emb.input_size[1], 0, s - emb.input_size[0]))[0, 0]
 
 
-def decode_prompts(model: StableSam, embeddings: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                   boxes: Optional[torch.Tensor], plugin: Optional[StableSamPlugin]
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Single-mask decoding of B prompts, each on its own image embedding (B x C x h x w),
-    coordinates in the input frame. Returns low-res logits B x 1 x 4h x 4w and alpha B x 2."""
-    with torch.no_grad():
-        sparse, dense = model.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-        pe = model.sam.prompt_encoder.get_dense_pe()
-    with route(plugin) as routing:
-        low, _ = decode_on_own_images(model.sam.mask_decoder, embeddings, pe, sparse, dense, multimask=False)
-    return low, routing.alpha
+def decode_prompts(model: StableSam, features: Union[torch.Tensor, Sequence[torch.Tensor]],
+                   points: Optional[Tuple[torch.Tensor, torch.Tensor]], boxes: Optional[torch.Tensor],
+                   plugin: Optional[StableSamPlugin]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Single-mask decoding of B prompts, each on its own image: ``features`` the images' features
+    stacked (``ImageEmbedding.features`` of each, concatenated per map: B x C_i x h_i x w_i; a
+    bare B x C x h x w embedding for SAM 1), coordinates in the input frame. Returns low-res
+    logits B x 1 x 4h x 4w and alpha B x 2."""
+    low, _, alpha = model.decode(features, points, boxes, None, False, plugin, own_images=True)
+    return low, alpha
 
 
 def prompts_loss(model: StableSam, plugin: Optional[StableSamPlugin], embs: Sequence[ImageEmbedding],
@@ -154,16 +151,15 @@ def prompts_loss(model: StableSam, plugin: Optional[StableSamPlugin], embs: Sequ
     for p in prompts:
         groups.setdefault(p.shape_key, []).append(p)
     for (has_box, k), group in sorted(groups.items()):
-        emb = torch.cat([embs[p.slot].embedding for p in group]).float()
+        features = [torch.cat(maps).float() for maps in zip(*(embs[p.slot].features for p in group))]
         boxes = points = None
+        adapter = model.adapter
         if has_box:
-            boxes = torch.as_tensor(np.stack([model.transform.apply_boxes(p.box[None], embs[p.slot].original_size)[0]
-                                              for p in group]), dtype=torch.float32, device=dev)
+            boxes = torch.cat([adapter.boxes_to_input(p.box[None], embs[p.slot].original_size, dev) for p in group])
         if k:
-            coords = np.stack([model.transform.apply_coords(p.points, embs[p.slot].original_size) for p in group])
-            points = (torch.as_tensor(coords, dtype=torch.float32, device=dev),
-                      torch.as_tensor(np.stack([p.labels for p in group]), dtype=torch.int64, device=dev))
-        low, _ = decode_prompts(model, emb, points, boxes, plugin)
+            coords = torch.stack([adapter.points_to_input(p.points, embs[p.slot].original_size, dev) for p in group])
+            points = (coords, torch.as_tensor(np.stack([p.labels for p in group]), dtype=torch.int64, device=dev))
+        low, _ = decode_prompts(model, features, points, boxes, plugin)
         up = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
         target = torch.stack([targets[p.slot][p.obj] for p in group])[:, None]
         valid = torch.zeros(len(group), 1, s, s, device=dev)

@@ -20,8 +20,8 @@ def _decoder_inputs(model, scene, rng):
     emb = model.embed(scene.image)
     boxes = np.stack([mask_to_box(m) for m in scene.masks])
     pts = np.stack([sample_points(m, 2, rng) for m in scene.masks])
-    boxes = torch.as_tensor(model.transform.apply_boxes(boxes, emb.original_size), dtype=torch.float32)
-    pts = torch.as_tensor(model.transform.apply_coords(pts, emb.original_size), dtype=torch.float32)
+    boxes = model.adapter.boxes_to_input(boxes, emb.original_size, model.device)
+    pts = model.adapter.points_to_input(pts, emb.original_size, model.device)
     labels = torch.ones(pts.shape[:2], dtype=torch.int64)
     return emb.embedding, (pts, labels), boxes
 
@@ -74,8 +74,9 @@ def test_attach_leaves_sam_modules_and_weights_untouched():
     sam = build_sam_tiny()
     before = {k: v.clone() for k, v in sam.state_dict().items()}
     names = [n for n, _ in sam.named_modules()]
-    attach(sam)
-    attach(sam)  # idempotent: one hook
+    grid = tuple(sam.prompt_encoder.image_embedding_size)
+    attach(sam.mask_decoder, grid)
+    attach(sam.mask_decoder, grid)  # idempotent: one hook
     after = sam.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(before[k], after[k]) for k in before)

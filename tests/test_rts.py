@@ -48,7 +48,7 @@ def _train_set(n=6):
 def test_per_prompt_embeddings_decode_like_one_image_at_a_time(tiny_model, heldout):
     scenes = [heldout[0], heldout[1]]
     embs = [tiny_model.embed(s.image) for s in scenes]
-    boxes = [torch.as_tensor(tiny_model.transform.apply_boxes(mask_to_box(s.masks[0])[None], e.original_size))
+    boxes = [tiny_model.adapter.boxes_to_input(mask_to_box(s.masks[0])[None], e.original_size, tiny_model.device)
              for s, e in zip(scenes, embs)]
     plugin = StableSamPlugin()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The Stable-SAM plugin (DSP + DRP) and its attachment to ``segment_anything``'s ``MaskDecoder``.
+"""The Stable-SAM plugin (DSP + DRP) and its attachment to SAM's mask decoder (SAM 1 or SAM 2).
 
 Nothing of SAM is copied or replaced. A forward pre-hook on the token-to-image attention of the
 decoder's second ``TwoWayAttentionBlock`` swaps that attention's keys and values for the routed mix
@@ -9,6 +9,12 @@ where x_p is the image-side stream after layer 1 (the attention's ``v``), pe its
 encoding (recovered as ``k - v``) and alpha comes from the output token after layer-2 self-attention
 (recovered as ``q`` minus that token's own query positional embedding, which SAM sets to the
 token's learned embedding). The image-to-token attention of the same block still sees x_p.
+
+SAM 2's decoder (``sam2``) keeps the same two-way transformer and calls the attention the same way
+(keyword ``q``, ``k``, ``v``; inside, ``scaled_dot_product_attention``, which the hook does not
+touch). Its output tokens start with an object-score token, so the router's token sits one index
+later there (``router_token_index``). Its high-resolution features enter only the upscaling after
+the transformer: the plugin leaves them alone.
 
 Which plugin runs is per call, in a context variable, so one frozen SAM serves plain-SAM and any
 number of plugin versions from many threads at once without shared mutable state::
@@ -26,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from segment_anything.modeling import Sam
 from torch import nn
 
 from .drp import DynamicRoutingPlugin
@@ -123,14 +128,20 @@ def route(plugin: Optional[StableSamPlugin]) -> Iterator[Routing]:
 _HOOK_ATTR = "_stable_sam_hook"
 
 
-def attach(sam: Sam, layer: int = 1) -> Sam:
-    """Install the routing hook on ``sam`` (idempotent). SAM's modules, weights and state dict are
+def router_token_index(decoder: nn.Module, router_token: str) -> int:
+    """Index of the DRP token among the decoder's output tokens: SAM's are (IoU, mask 0..3); SAM 2
+    puts its object-score token first (``pred_obj_scores``), shifting both by one."""
+    return ROUTER_TOKENS[router_token] + (1 if getattr(decoder, "pred_obj_scores", False) else 0)
+
+
+def attach(decoder: nn.Module, grid_hw: Tuple[int, int], layer: int = 1) -> nn.Module:
+    """Install the routing hook on a SAM mask decoder (``segment_anything``'s or ``sam2``'s) whose
+    image embedding is an h x w grid (idempotent). SAM's modules, weights and state dict are
     unchanged; outside ``route(plugin)`` the decoder is plain SAM."""
-    decoder = sam.mask_decoder
     target = decoder.transformer.layers[layer].cross_attn_token_to_image
     if getattr(target, _HOOK_ATTR, None) is not None:
-        return sam
-    grid_hw = tuple(sam.prompt_encoder.image_embedding_size)
+        return decoder
+    grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
 
     def pre_hook(module: nn.Module, args: Tuple, kwargs: Dict[str, torch.Tensor]):
         routing = _ROUTING.get()
@@ -141,16 +152,16 @@ def attach(sam: Sam, layer: int = 1) -> Sam:
             raise RuntimeError(f"plugin is configured for decoder layer {plugin.config.layer}, "
                                f"attached at layer {layer}")
         q, k, v = kwargs["q"], kwargs["k"], kwargs["v"]
-        idx = ROUTER_TOKENS[plugin.config.router_token]
-        token_pe = decoder.iou_token.weight[0] if idx == 0 else decoder.mask_tokens.weight[0]
-        token = q[:, idx] - token_pe
+        name = plugin.config.router_token
+        token_pe = decoder.iou_token.weight[0] if name == "iou" else decoder.mask_tokens.weight[0]
+        token = q[:, router_token_index(decoder, name)] - token_pe
         v2, pe2, alpha = plugin(token, v, k - v, grid_hw)
         routing.alphas.append(alpha)
         return args, {"q": q, "k": v2 + pe2, "v": v2}
 
     handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
     setattr(target, _HOOK_ATTR, handle)
-    return sam
+    return decoder
 
 
 def count_trainable(module: nn.Module) -> int:
