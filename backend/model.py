@@ -83,9 +83,8 @@ class StableSamBackend:
         return f"SAM {s.sam_model_type} from {sam}; plugin {plugin}; device {s.device}"
 
     def _install(self, model: StableSam) -> None:
-        sam = model.sam
-        self.metrics.instrument(sam.image_encoder, "encoder")
-        self.metrics.instrument(sam.mask_decoder, "decoder")
+        self.metrics.instrument(model.adapter.image_encoder, "encoder")
+        self.metrics.instrument(model.adapter.mask_decoder, "decoder")
         self._model = model
         self.plugin_versions.adopt(model)
 

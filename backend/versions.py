@@ -71,7 +71,7 @@ class PluginVersions:
                 base = model_identity(s.sam_model_type, ckpt)
             except CheckpointError:
                 if s.sam_checkpoint is None and s.sam_model_type in OFFICIAL_CHECKPOINTS:  # downloaded at load
-                    base = f"{s.sam_model_type}-{OFFICIAL_CHECKPOINTS[s.sam_model_type].sha256[:12]}"
+                    base = f"{s.sam_model_type}-{OFFICIAL_CHECKPOINTS[s.sam_model_type].identity}"
                 else:
                     raise
             plugin = (load_plugin(s.plugin_path, model_type=s.sam_model_type).version if s.plugin_path
