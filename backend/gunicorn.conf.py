@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 
 import gunicorn.util
 
+from backend import background
 from backend.settings import BackendSettings
 
 _s = BackendSettings.from_env()
@@ -78,4 +78,4 @@ def on_exit(server):
 def post_worker_init(worker):
     if _s.preload_model:
         backend = worker.wsgi.extensions["stable_sam_backend"]
-        threading.Thread(target=lambda: backend.model, name="preload-model", daemon=True).start()
+        background.start(lambda: backend.model, "preload-model")  # joined at exit, as every model thread

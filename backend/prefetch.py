@@ -8,6 +8,8 @@ caches a click uses) while the annotator looks at it: the first click then costs
 The queue is bounded (PREFETCH_QUEUE); a full queue drops the new job (counted) instead of
 blocking or growing, and a key already waiting is not queued twice. One worker thread: the
 encoder is the expensive part and more threads would only compete with the clicks for the CPU/GPU.
+At exit the worker finishes the job in hand, drops the queued ones and ends (``backend/background.py``:
+a thread left inside torch at interpreter exit aborts the process).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import queue
 import threading
 from typing import Callable, Hashable, Optional, Set, Tuple
 
+from . import background
 from .errors import clip
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_STOP = object()  # queued by ``stop``: the worker ends when it takes it
 
 
 class Prefetcher:
@@ -34,6 +39,7 @@ class Prefetcher:
         self._waiting: Set[Hashable] = set()  # keys queued or running
         self._lock = threading.Lock()
         self._worker: Optional[threading.Thread] = None
+        self._stopped = False
 
     @property
     def enabled(self) -> bool:
@@ -49,6 +55,8 @@ class Prefetcher:
         if not self.enabled:
             return False
         with self._lock:
+            if self._stopped:
+                return False
             if key in self._waiting:
                 self._count("duplicate")
                 return False
@@ -59,8 +67,7 @@ class Prefetcher:
                 return False
             self._waiting.add(key)
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._worker.start()
+                self._worker = background.start(self._run, self.name, stop=self.stop)
         self._count("queued")
         return True
 
@@ -68,9 +75,27 @@ class Prefetcher:
         with self._lock:
             return len(self._waiting)
 
+    def stop(self) -> None:
+        """Drop the queued jobs and end the worker after the job in hand; later submits are refused.
+        Does not wait (``background.stop_all`` joins the worker)."""
+        with self._lock:
+            self._stopped = True
+            while True:
+                try:
+                    key, _ = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._waiting.discard(key)
+                self._queue.task_done()
+            if self._worker is not None:
+                self._queue.put_nowait((None, _STOP))  # room: just emptied, and submit is refused now
+
     def _run(self) -> None:
         while True:
             key, job = self._queue.get()
+            if job is _STOP:
+                self._queue.task_done()
+                return
             try:
                 job()
                 self._count("done")

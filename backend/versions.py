@@ -23,6 +23,7 @@ from stable_sam.model import UNTRAINED_PLUGIN, StableSam, model_version
 from stable_sam.modeling.plugin import StableSamPlugin
 from stable_sam.plugin_store import PluginStore, StoreError, project_scope
 
+from . import background
 from .bounded_cache import BoundedCache
 from .errors import BadInput
 from .projects import project_id
@@ -61,7 +62,8 @@ class PluginVersions:
     # -- the base model ----------------------------------------------------------------------------
     def start_from_files(self) -> None:
         """Read the base model id and default version from the files, in the background."""
-        threading.Thread(target=self._from_files, name="model-version", daemon=True).start()
+        # joined at exit: torch.load runs in it (backend/background.py says why that matters)
+        background.start(self._from_files, "model-version")
 
     def _from_files(self) -> None:
         s = self.settings

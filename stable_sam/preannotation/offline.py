@@ -151,7 +151,8 @@ class ImagePipeline:
         # Finished before it is handed over (this thread has nothing else to do meanwhile), and
         # marked as used on the decoder's stream so its memory is not reused while that reads it.
         self.stream.synchronize()
-        emb.embedding.record_stream(torch.cuda.default_stream(self.model.device))
+        for t in emb.features:  # SAM 2: its high-resolution maps too
+            t.record_stream(torch.cuda.default_stream(self.model.device))
         return emb
 
     def __iter__(self) -> Iterator[Tuple[WorkItem, Optional[Dict[str, Any]], Optional[str]]]:
