@@ -6,7 +6,7 @@ checkpoint files alone, and is the same string the loaded model reports (``Stabl
 
 Which plugin version a project serves is ``backend/versions.py``'s: the shared SAM is never
 changed per request, each request's predictor gets its project's plugin. Label configs are read by
-``backend/label_config.py``, masks become brush results in ``backend/results.py``; ``fit`` starts
+``backend/label_config.py``, masks become brush or polygon results in ``backend/results.py``; ``fit`` starts
 training jobs (``backend/jobs.py``).
 """
 
@@ -32,13 +32,13 @@ from stable_sam.predictor import ObjectMask, PromptError, StableSamPredictor
 from .bounded_cache import BoundedCache
 from .errors import BadInput, ClientGone, clip
 from .jobs import JobManager
-from .label_config import ParsedConfig, check_regions, output_label, parse_label_config
+from .label_config import ConfigNotReady, ParsedConfig, check_regions, output_label, parse_label_config
 from .media import ImageLoader
 from .metrics import Metrics
 from .prefetch import Prefetcher
 from .previous_masks import PreviousMasks, prompt_key
 from .projects import project_id
-from .results import brush_result
+from .results import mask_results
 from .settings import BackendSettings
 from .versions import PluginVersions, Serving
 
@@ -136,11 +136,16 @@ class StableSamBackend:
 
     # -- label-studio-ml interface -----------------------------------------------------------------
     def setup(self, project: Any, schema: Any) -> None:
-        """Remember the project's label config (used when /predict comes without one)."""
+        """Remember the project's label config (used when /predict comes without one). A config
+        that cannot work is a 4xx now, but for one with no image at all (``<View></View>``: the
+        project's labeling interface is not set yet), which is kept: /predict explains it."""
         if schema is not None and not isinstance(schema, str):
             raise BadInput(f"schema must be a string (the labeling config's XML), got {type(schema).__name__}")
         if isinstance(schema, str) and schema.strip():
-            self.label_config(schema)  # 4xx now for a config that cannot work
+            try:
+                self.label_config(schema)
+            except ConfigNotReady as e:
+                log.info("/setup for project %s: %s", clip(project, 40), e.message)
             pid = project_id(project)
             if pid is not None:
                 self._schemas.put(pid, schema, len(schema))
@@ -189,9 +194,12 @@ class StableSamBackend:
         (an empty prediction would show as an extra, empty prediction tab on every task). A single
         task without prompts is a task being opened: its image is queued for background encoding
         (``backend/prefetch.py``) and the answer does not wait for the model. ``client_gone()``
-        is asked before each task's work: True stops the request (``ClientGone``)."""
+        is asked before each task's work: True stops the request (``ClientGone``). ``tasks`` as
+        one task object is read as a list of that one task (Label Studio's ML-backend tests send it)."""
+        if isinstance(tasks, dict):
+            tasks = [tasks]
         if not isinstance(tasks, list) or not tasks:
-            raise BadInput("no tasks: 'tasks' must be a non-empty list")
+            raise BadInput("no tasks: 'tasks' must be a non-empty list (or one task object)")
         limit = self.settings.max_tasks_per_request
         if len(tasks) > limit:
             raise BadInput(f"{len(tasks)} tasks in one request, over MAX_TASKS_PER_REQUEST ({limit}): send them "
@@ -249,7 +257,7 @@ class StableSamBackend:
 
     def prefetch(self, cfg: ParsedConfig, task: Dict[str, Any]) -> None:
         """Queue the task's images to be fetched and encoded in the background (never blocks)."""
-        for to_name in cfg.brush_by_image:
+        for to_name in cfg.output_by_image:
             key = cfg.image_keys.get(to_name)
             url = task["data"].get(key) if key else None
             if isinstance(url, str) and url.strip():
@@ -312,14 +320,13 @@ class StableSamBackend:
             if claimed != (w, h):
                 log.warning("task %s: the regions say image %r is %d x %d, the file decodes to %d x %d: "
                             "mask of the decoded size", clip(task.get("id"), 40), to_name, *claimed, w, h)
-            brush = cfg.brush_by_image[to_name]
-            labels = [output_label(g, brush) for g in groups]
+            control = cfg.output_by_image[to_name]
+            labels = [output_label(g, control) for g in groups]
             # the task and image by digest: a key never holds a request's (maybe huge) strings
             scope = None if memory_scope is None else memory_scope + (
                 hashlib.sha256(f"{task.get('id')!r}|{url}".encode("utf-8", "replace")).hexdigest(),)
             for g, label, pred in zip(groups, labels, self._decode(model, plugin, emb, groups, scope)):
-                results.append(brush_result(g, label, brush.name, to_name, pred, (w, h), (w, h),
-                                            plugin_version=plugin_version))
+                results.extend(mask_results(g, label, control, to_name, pred, self.settings, plugin_version))
         score = float(np.mean([r["score"] for r in results])) if results else 0.0
         return {"model_version": model_version(model.model_id, plugin_version), "score": round(score, 4),
                 "result": results}

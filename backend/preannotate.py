@@ -1,5 +1,5 @@
 """Batch pre-annotation of a Label Studio project: every task's rough rectangles / keypoints ->
-brush masks, uploaded as predictions of the model's version.
+brush masks (or polygons, for a config with PolygonLabels), uploaded as predictions of the model's version.
 
 The translation is the backend's own: each task goes through ``StableSamBackend.predict`` with the
 task's stored regions as the prompt context (so a task's problems come back as a ``BadInput``
@@ -38,7 +38,8 @@ from .errors import BadInput
 from .label_config import ParsedConfig, parse_label_config
 from .label_studio import LabelStudioUnavailable, project_tasks
 from .model import StableSamBackend
-from .results import brush_result
+from .results import mask_results
+from .settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
@@ -95,35 +96,36 @@ class LabelStudioSummary:
 
 
 def _auto_target(cfg: ParsedConfig, label: Optional[str]) -> Tuple[str, Any, str]:
-    """(image tag name, its brush control, the label automatic masks get)."""
-    to_name, brush = next(iter(cfg.brush_by_image.items()))
-    labels = list(brush.labels or [])
+    """(image tag name, its mask control (PolygonLabels, else BrushLabels), the label automatic
+    masks get)."""
+    to_name, control = next(iter(cfg.output_by_image.items()))
+    labels = list(control.labels or [])
     if label is not None:
         if label not in labels:
-            raise BadInput(f"--auto-label {label!r} is not a label of brush control {brush.name!r} ({labels})")
-        return to_name, brush, label
+            raise BadInput(f"--auto-label {label!r} is not a label of {control.tag} control {control.name!r} "
+                           f"({labels})")
+        return to_name, control, label
     if len(labels) != 1:
-        raise BadInput(f"brush control {brush.name!r} has labels {labels}: name the one automatic masks get "
-                       f"(--auto-label)")
-    return to_name, brush, labels[0]
+        raise BadInput(f"{control.tag} control {control.name!r} has labels {labels}: name the one automatic masks "
+                       f"get (--auto-label)")
+    return to_name, control, labels[0]
 
 
 def _auto_prediction(model, plugin, version: str, image: np.ndarray, config: AutoConfig,
-                     target: Tuple[str, Any, str]) -> Dict[str, Any]:
-    """SAM's automatic masks (through ``plugin``; None: the model's own) as brush results, built by
-    the backend's own brush-result code."""
-    to_name, brush, label = target
-    h, w = image.shape[:2]
+                     target: Tuple[str, Any, str], settings: BackendSettings) -> Dict[str, Any]:
+    """SAM's automatic masks (through ``plugin``; None: the model's own) as brush or polygon
+    results, written by the backend's own result writer."""
+    to_name, control, label = target
     results = []
     for k, found in enumerate(automatic_masks(model, image, config, plugin)):
         group = PromptGroup(to_name, ObjectPrompt(points=[found.point]), label=label, source_ids=[f"auto{k}"])
         pred = ObjectMask(found.mask, found.predicted_iou, found.stability)
-        res = brush_result(group, label, brush.name, to_name, pred, (w, h), (w, h))
         where = f"automatic: grid point {found.point[0]:.0f}, {found.point[1]:.0f}"
-        res["stable_sam"]["prompt"] = where
-        res["meta"]["text"] = [f"Stable-SAM: predicted IoU {found.predicted_iou:.2f}, "
-                               f"stability {found.stability:.2f} ({where})"]
-        results.append(res)
+        for res in mask_results(group, label, control, to_name, pred, settings):
+            res["stable_sam"]["prompt"] = where
+            res["meta"]["text"] = [f"Stable-SAM: predicted IoU {found.predicted_iou:.2f}, "
+                                   f"stability {found.stability:.2f} ({where})"]
+            results.append(res)
     score = float(np.mean([r["score"] for r in results])) if results else 0.0
     return {"model_version": version, "score": round(score, 4), "result": results}
 
@@ -200,10 +202,10 @@ class TaskAnnotator:
 
     def _image(self, task: Dict[str, Any], results: List[Dict[str, Any]]) -> np.ndarray:
         cfg = self.cfg
-        names = [r.get("to_name") for r in results if isinstance(r, dict)] + list(cfg.brush_by_image)
+        names = [r.get("to_name") for r in results if isinstance(r, dict)] + list(cfg.output_by_image)
         to_name = next((n for n in names if n in cfg.image_keys), None)
         if to_name is None:
-            raise BadInput(f"the label config's brush images {list(cfg.brush_by_image)} have no data key")
+            raise BadInput(f"the label config's mask images {list(cfg.output_by_image)} have no data key")
         url = task["data"].get(cfg.image_keys[to_name])
         # encoded here, ahead of predict() (as for an interactive click), which finds the image in the
         # URL cache and its embedding in the model's
@@ -227,7 +229,8 @@ class TaskAnnotator:
             pred = self.backend.predict([task], context={"result": p.results}, label_config=self.label_config,
                                         project=self.project)[0]
         else:
-            pred = _auto_prediction(self.model, self.plugin, self.version, p.image, self.auto, self.target)
+            pred = _auto_prediction(self.model, self.plugin, self.version, p.image, self.auto, self.target,
+                                    self.backend.settings)
         if not pred["result"]:
             summary.empty += 1
         elif self.dry_run:

@@ -58,7 +58,7 @@ def project_dataset(settings: BackendSettings, project: int) -> LabelStudioTasks
     config = getattr(client.projects.get(id=project), "label_config", None)
     if config:
         cfg = parse_label_config(config)  # 4xx-style message when the config has no brush control
-        image_key = cfg.image_keys.get(next(iter(cfg.brush_by_image)))
+        image_key = cfg.image_keys.get(next(iter(cfg.output_by_image)))
     tasks = list(project_tasks(client, project, only_annotated=True))
     loader = ImageLoader(settings)
 

@@ -108,7 +108,7 @@ def cmd_offline(args) -> int:
     summary = run_offline(model, work, args.out, png_dir=args.png_dir, auto=auto,
                           auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh,
                           read_ahead=args.read_ahead, encode_ahead=ENCODE_AHEAD[args.encode_ahead],
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, min_region_px=settings.mask_min_region_px)
     print(f"{summary.processed} images pre-annotated now ({summary.already_done} by an earlier run), "
           f"{summary.objects} masks in {summary.output}; {summary.images_per_s:.2f} images/s", file=sys.stderr)
     _print_failures(summary.failed, "images")
@@ -127,7 +127,8 @@ def _offline_on_ray(args, work, settings: BackendSettings, auto) -> int:
     summary = run_offline_ray(
         functools.partial(build_from_settings, model_settings), work, args.out, png_dir=args.png_dir, auto=auto,
         auto_label=args.auto_label or "object", limit=args.limit, fresh=args.fresh, use_gpu=_use_gpu(settings),
-        encode_ahead=ENCODE_AHEAD[args.encode_ahead], **_on_ray_options(args))
+        encode_ahead=ENCODE_AHEAD[args.encode_ahead], min_region_px=settings.mask_min_region_px,
+        **_on_ray_options(args))
     print(f"{summary.model_version} on {summary.workers} Ray worker(s) ({summary.device}; connected in "
           f"{connect_s:.1f} s, models loaded in {summary.startup_s:.1f} s): {summary.processed} images pre-annotated "
           f"now ({summary.already_done} by an earlier run), {summary.objects} masks in {summary.output}; "

@@ -56,18 +56,20 @@ def mask_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions()) 
     polygons = []
     for k in keep:
         x, y, w, h = (int(v) for v in stats[k, :4])
-        # the piece in a crop with a 1-pixel empty border, then its corner grid: corner (i, j) of
-        # the grid is the point (x - 1 + j, y - 1 + i) of the image, so the grid's traced outline
-        # runs along the piece's pixel edges
-        crop = np.zeros((h + 2, w + 2), np.uint8)
-        crop[1:-1, 1:-1] = labels[y:y + h, x:x + w] == k
-        corners = cv2.dilate(crop, _CORNER_KERNEL, anchor=(1, 1), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-        contours, _ = cv2.findContours(corners, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        outline = _through_concave_corners(max(contours, key=len).reshape(-1, 2), corners)
-        simple = cv2.approxPolyDP(outline.reshape(-1, 1, 2), options.tolerance_px, True)
+        # The piece at twice its size in a crop with an empty border, then its corner grid: grid
+        # point (i, j) is the image point (x + (j - 1) / 2, y + (i - 1) / 2) and holds a 1 when a
+        # pixel of the piece touches it, so the grid's traced outline runs along the piece's pixel
+        # edges (at the original size a 1-pixel notch would close: its four corners all touch
+        # the piece).
+        crop = np.zeros((2 * h + 2, 2 * w + 2), np.uint8)
+        crop[1:-1, 1:-1] = np.kron(labels[y:y + h, x:x + w] == k, np.ones((2, 2), np.uint8))
+        grid = cv2.dilate(crop, _CORNER_KERNEL, anchor=(1, 1), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        contours, _ = cv2.findContours(grid, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        outline = _through_concave_corners(max(contours, key=len).reshape(-1, 2), grid).reshape(-1, 1, 2)
+        simple = cv2.approxPolyDP(outline, 2 * options.tolerance_px, True)
         if len(simple) < 3:  # a piece a few pixels across: its exact outline, corners only
-            simple = cv2.approxPolyDP(outline.reshape(-1, 1, 2), 0.0, True)
-        polygons.append(simple.reshape(-1, 2).astype(np.float64) + (x - 1, y - 1))
+            simple = cv2.approxPolyDP(outline, 0.0, True)
+        polygons.append((simple.reshape(-1, 2).astype(np.float64) - 1) / 2 + (x, y))
     return polygons
 
 

@@ -164,6 +164,38 @@ def test_health_and_setup_never_load_the_model(settings, tiny_model):
     assert r.status_code == 400 and "BrushLabels" in r.get_json()["error"]
 
 
+@pytest.mark.parametrize("schema", ["<View></View>", "<View/>",
+                                    "<View><Text name='t' value='$text'/><Choices name='c' toName='t'>"
+                                    "<Choice value='a'/></Choices></View>"])
+def test_setup_accepts_a_config_without_an_image_and_predict_says_what_it_needs(client, media_dir, scenes,
+                                                                                tiny_model, schema):
+    """A project whose labeling interface is not set yet connects (Label Studio's own ML-backend
+    tests send <View></View>); /predict on it is a 400 that names what the config needs."""
+    r = client.post("/setup", json={"project": "41.1700000000", "schema": schema})
+    assert r.status_code == 200 and r.get_json()["model_version"] == tiny_model.version
+    payload = body(media_dir / "scene0.png", [keypoint(*centroid(scenes[0].masks[0]), scenes[0].size)])
+    del payload["label_config"]
+    payload["project"] = "41.1700000000"
+    r = client.post("/predict", json=payload)
+    assert r.status_code == 400, r.get_json()
+    error = r.get_json()["error"]
+    assert "<Image>" in error and "BrushLabels" in error and "PolygonLabels" in error
+    r = client.post("/predict", json=dict(payload, params={"context": None}))  # a task opened: the same 400
+    assert r.status_code == 400 and "<Image>" in r.get_json()["error"]
+
+
+def test_tasks_as_one_object_is_a_list_of_one(client, media_dir, scenes):
+    sc = scenes[0]
+    payload = body(media_dir / "scene0.png", [keypoint(*centroid(sc.masks[0]), sc.size)])
+    listed = predict_ok(client, payload)
+    payload["tasks"] = payload["tasks"][0]
+    single = predict_ok(client, payload)
+    assert single == listed
+    for bad in ([], {}, "task", 3, None):
+        r = client.post("/predict", json=dict(payload, tasks=bad))
+        assert r.status_code == 400 and "tasks" in r.get_json()["error"], (bad, r.get_json())
+
+
 def test_keypoint_gives_the_clicked_object(client, media_dir, scenes, tiny_model):
     sc = scenes[0]
     res = predict_ok(client, body(media_dir / "scene0.png", [keypoint(*centroid(sc.masks[0]), sc.size)]))

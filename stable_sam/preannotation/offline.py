@@ -71,10 +71,13 @@ def journal_path(output: Path) -> Path:
     return Path(output).with_name(Path(output).name + ".journal.jsonl")
 
 
-def run_key(model_version: str, work: WorkList, auto: Optional[AutoConfig], png_dir: Optional[Path]) -> str:
+def run_key(model_version: str, work: WorkList, auto: Optional[AutoConfig], png_dir: Optional[Path],
+            min_region_px: int = 0) -> str:
     """What a journal must match to be resumed: model, inputs, and the options that change outputs."""
     spec = {"model": model_version, "work": work.fingerprint(), "auto": auto.to_json() if auto else None,
             "png_dir": str(Path(png_dir).resolve()) if png_dir else None}
+    if min_region_px:  # absent when off: journals written before the option existed still resume
+        spec["min_region_px"] = min_region_px
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -86,10 +89,10 @@ def prepare_work(work: WorkList, auto: Optional[AutoConfig], auto_label: str) ->
     return work, auto_category
 
 
-def output_info(model_version: str, auto: Optional[AutoConfig]) -> Dict[str, Any]:
+def output_info(model_version: str, auto: Optional[AutoConfig], min_region_px: int = 0) -> Dict[str, Any]:
     """The COCO file's ``info``: what made it, so any run of the same job writes the same bytes."""
     return {"description": "Stable-SAM pre-annotation", "model_version": model_version,
-            "auto": auto.to_json() if auto else None}
+            "auto": auto.to_json() if auto else None, "min_region_px": min_region_px}
 
 
 def failure_message(item: WorkItem, e: BaseException) -> str:
@@ -123,12 +126,13 @@ class ImagePipeline:
 
     def __init__(self, model: StableSam, items: Sequence[WorkItem], auto: Optional[AutoConfig] = None,
                  auto_category: int = 0, png_dir: Optional[Path] = None, read_ahead: int = 4,
-                 encode_ahead: Optional[bool] = None, encoder_stream: bool = False) -> None:
+                 encode_ahead: Optional[bool] = None, encoder_stream: bool = False, min_region_px: int = 0) -> None:
         if encode_ahead is None:
             encode_ahead = encode_ahead_helps(model.device)
         ahead = bool(read_ahead and encode_ahead)
         self.stream = torch.cuda.Stream(model.device) if encoder_stream and ahead and model.device.type == "cuda" else None
         self.model, self.auto, self.auto_category, self.png_dir = model, auto, auto_category, png_dir
+        self.min_region_px = min_region_px
         self.reader = ReadAhead(items, self._read, depth=read_ahead, name="preannotate-read")
         self.encoder = ReadAhead(self.reader, self._encode, depth=2 if ahead else 0,
                                  name="preannotate-encode")
@@ -161,7 +165,8 @@ class ImagePipeline:
             try:
                 if error is not None:
                     raise error
-                result = annotate_image(self.model, item, image, self.auto, self.auto_category, embedding=emb)
+                result = annotate_image(self.model, item, image, self.auto, self.auto_category, embedding=emb,
+                                        min_region_px=self.min_region_px)
                 if self.png_dir is not None:  # before the record is handed on: a journaled image has its PNGs
                     write_mask_pngs(self.png_dir, item.file_name, result.masks)
                 outcome: Tuple[WorkItem, Optional[Dict[str, Any]], Optional[str]] = (item, result.record, None)
@@ -182,22 +187,24 @@ class ImagePipeline:
 def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optional[Path] = None,
                 auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
                 fresh: bool = False, read_ahead: int = 4, encode_ahead: Optional[bool] = None,
-                progress: bool = True, encoder_stream: bool = False) -> OfflineSummary:
+                progress: bool = True, encoder_stream: bool = False, min_region_px: int = 0) -> OfflineSummary:
     """Pre-annotate ``work`` into ``output`` (COCO JSON). ``auto``: segment images without prompts
     automatically (category ``auto_label``). ``limit``: at most that many images this run.
     ``fresh``: ignore (delete) the journal of an earlier run. ``read_ahead=0``: no background
     threads at all (the serial baseline of the benchmark); ``encode_ahead=False``: encode in the
     calling thread (None: when it helps, see ``encode_ahead_helps``); ``encoder_stream``: see
-    ``ImagePipeline``."""
+    ``ImagePipeline``; ``min_region_px``: islands and holes under that many pixels are removed from
+    every mask (MASK_MIN_REGION_PX; 0: off)."""
     output = Path(output)
     work, auto_category = prepare_work(work, auto, auto_label)
-    journal = Journal(journal_path(output), run_key(model.version, work, auto, png_dir), fresh=fresh)
+    journal = Journal(journal_path(output), run_key(model.version, work, auto, png_dir, min_region_px), fresh=fresh)
     already = sum(1 for it in work.items if it.image_id in journal.records)
     todo = [it for it in work.items if it.image_id not in journal.records]
     if limit is not None:
         todo = todo[:max(limit, 0)]
 
-    pipeline = ImagePipeline(model, todo, auto, auto_category, png_dir, read_ahead, encode_ahead, encoder_stream)
+    pipeline = ImagePipeline(model, todo, auto, auto_category, png_dir, read_ahead, encode_ahead, encoder_stream,
+                             min_region_px)
     failed: List[Tuple[str, str]] = []
     processed = 0
     journal_s = 0.0
@@ -217,7 +224,7 @@ def run_offline(model: StableSam, work: WorkList, output: Path, png_dir: Optiona
     finally:
         pipeline.close()
         journal.close()
-    coco = build_coco(work, journal.records, output_info(model.version, auto))
+    coco = build_coco(work, journal.records, output_info(model.version, auto, min_region_px))
     atomic_write_json(coco, output, compact=True)
     seconds = time.perf_counter() - start
     stages = pipeline.stage_s

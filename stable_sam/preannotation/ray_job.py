@@ -129,7 +129,8 @@ class ShardWorker:
     to import): the model, loaded once per process; ``run`` pre-annotates a shard."""
 
     def __init__(self, index: int, factory: ModelFactory, device: str, threads: int, auto: Optional[AutoConfig],
-                 auto_category: int, png_dir: Optional[Path], read_ahead: int, encode_ahead: Optional[bool]) -> None:
+                 auto_category: int, png_dir: Optional[Path], read_ahead: int, encode_ahead: Optional[bool],
+                 min_region_px: int = 0) -> None:
         import torch
 
         if threads > 0:
@@ -137,7 +138,7 @@ class ShardWorker:
         self.index = index
         self.model = factory(device=device)
         self.options = dict(auto=auto, auto_category=auto_category, png_dir=png_dir, read_ahead=read_ahead,
-                            encode_ahead=encode_ahead)
+                            encode_ahead=encode_ahead, min_region_px=min_region_px)
 
     def describe(self) -> Dict[str, Any]:
         """Ready (the model is loaded): its version, device and where it runs."""
@@ -384,13 +385,14 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
                     fresh: bool = False, workers: Optional[int] = None, shard_size: int = 16,
                     cpus_per_worker: float = 1.0, use_gpu: Optional[bool] = None, threads: int = 0,
                     read_ahead: int = 4, encode_ahead: Optional[bool] = None, max_attempts: int = 3,
-                    progress: bool = True) -> RaySummary:
+                    progress: bool = True, min_region_px: int = 0) -> RaySummary:
     """``run_offline`` on the Ray cluster this process is connected to (``connect``): the same
     output, byte for byte, and the same journal. ``model_factory(device=...)`` builds the model in
     each worker (picklable, e.g. ``functools.partial(build_from_settings, settings)``); ``workers``:
     default one per GPU, else one per ``cpus_per_worker`` CPUs; ``use_gpu``: default when the
     cluster has GPUs; ``threads``: torch threads per CPU worker (default ``cpus_per_worker``);
-    ``max_attempts``: a shard is given up (reported failed) after its worker died that often.
+    ``max_attempts``: a shard is given up (reported failed) after its worker died that often;
+    ``min_region_px``: as ``run_offline``'s.
     The code and the image folder must be at the same paths on every node (PNG masks are written
     by the workers)."""
     ray = import_ray()
@@ -408,13 +410,14 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
     start = time.perf_counter()
     actors, described = start_workers(
         ray, ShardWorker, lambda i: (i, model_factory, device, cpu_threads, auto, auto_category, png_dir, read_ahead,
-                                     encode_ahead), workers, cpus_per_worker, use_gpu, max_restarts=max_attempts)
+                                     encode_ahead, min_region_px), workers, cpus_per_worker, use_gpu,
+        max_restarts=max_attempts)
     try:
         version = described[0]["version"]
         summary = RaySummary(output, len(work.items), 0, 0, 0, 0.0, model_version=version, workers=workers,
                              shard_size=shard_size, device=device, startup_s=time.perf_counter() - start)
         log.info("%d Ray worker(s) ready in %.1f s: %s", workers, summary.startup_s, described)
-        journal = Journal(journal_path(output), run_key(version, work, auto, png_dir), fresh=fresh)
+        journal = Journal(journal_path(output), run_key(version, work, auto, png_dir, min_region_px), fresh=fresh)
         summary.already_done = sum(1 for it in work.items if it.image_id in journal.records)
         todo = [dataclasses.replace(it, path=Path(it.path).absolute())  # workers may run elsewhere
                 for it in work.items if it.image_id not in journal.records]
@@ -443,7 +446,7 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
         finally:
             journal.close()
             summary.retried_shards, summary.lost_workers = pool.retried, pool.lost_workers
-        coco = build_coco(work, journal.records, output_info(version, auto))
+        coco = build_coco(work, journal.records, output_info(version, auto, min_region_px))
         atomic_write_json(coco, output, compact=True)
     finally:
         stop_workers(ray, actors)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..masks import clean_mask
 from ..model import ImageEmbedding, StableSam
 from ..modeling.plugin import StableSamPlugin
 from ..predictor import StableSamPredictor
@@ -43,12 +44,13 @@ class ImageResult:
 
 def annotate_image(model: StableSam, item: WorkItem, image: np.ndarray, auto: Optional[AutoConfig] = None,
                    auto_category_id: int = 1, plugin: Optional[StableSamPlugin] = None,
-                   embedding: Optional[ImageEmbedding] = None) -> ImageResult:
+                   embedding: Optional[ImageEmbedding] = None, min_region_px: int = 0) -> ImageResult:
     """Segment every object of ``item`` on ``image`` (H x W x 3 uint8, EXIF-oriented): all prompts
     in one decoder call per prompt shape. Without prompts and with ``auto``, SAM's automatic masks
     (category ``auto_category_id``); without either, no objects. ``embedding``: the image's,
-    when a read-ahead stage encoded it already. Raises ``InputError`` for a size that differs from
-    the input's or a prompt outside the image."""
+    when a read-ahead stage encoded it already. ``min_region_px``: islands and holes under that
+    many pixels are removed from every mask (``stable_sam.masks.clean_mask``; 0: off). Raises
+    ``InputError`` for a size that differs from the input's or a prompt outside the image."""
     h, w = image.shape[:2]
     where = f"image {item.file_name} (id {item.image_id})"
     if item.width is not None and (item.width, item.height) != (w, h):
@@ -76,6 +78,7 @@ def annotate_image(model: StableSam, item: WorkItem, image: np.ndarray, auto: Op
             objects.append({"index": k, "source_id": None, "category_id": auto_category_id,
                             "prompt": {"auto_point": [round(v, 2) for v in a.point]},
                             "score": round(a.predicted_iou, 4), "stability": round(a.stability, 4), "alpha": None})
+    masks = [clean_mask(m, min_region_px) for m in masks]
     for obj, encoded in zip(objects, encode_masks(masks)):
         obj.update(encoded)
     record = {"image_id": item.image_id, "file_name": item.file_name, "width": w, "height": h, "objects": objects}
