@@ -5,10 +5,12 @@
 Times ``StableSamPredictor.predict`` (prompt encoder, mask decoder, masks at the original image
 size, stability score) with the image already embedded, so each call is what one click costs.
 Plain SAM is the same predictor with ``use_plugin=False``. Models: the committed small SAM on
-the shipped example image, and the ViT-B architecture with random weights (its decoder is the
-real SAM decoder; the embedding is random since encoder values do not change decoder cost) on a
-1024 x 768 image. The plugin has random non-zero weights, so offsets and routing are live.
-Rounds alternate plain / Stable-SAM and the medians are compared.
+the shipped example image, and, with random weights on a 1024 x 768 image, the ViT-B architecture
+and SAM 2.1 hiera-tiny (``sam2.1_hiera_tiny``; every SAM 2.1 size has the same decoder): their
+decoders are the real ones, the image features random since their values do not change the
+decoder's cost (SAM 2's include its two high-resolution maps). The plugin has random non-zero
+weights, so offsets and routing are live. Rounds alternate plain / Stable-SAM and the medians are
+compared.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stable_sam.benchmarking import compare_decoders, interactive_prompts, live_plugin, time_plugin_parts
+from stable_sam.benchmarking import compare_decoders, interactive_prompts, live_plugin, random_embedding, time_plugin_parts
 from stable_sam.build import build, build_sam, resolve_device
-from stable_sam.model import ImageEmbedding, StableSam
+from stable_sam.model import StableSam
 from stable_sam.predictor import StableSamPredictor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
@@ -52,17 +54,17 @@ def main() -> None:
     image = np.asarray(Image.open(EXAMPLE).convert("RGB"))
     predictor.set_image(image)
     results["small"] = compare_decoders(predictor, session_prompts(*image.shape[:2]), args.rounds, calls=20)
-    results["small"].update(time_plugin_parts(small.plugin, small.sam.prompt_encoder.image_embedding_size,
+    results["small"].update(time_plugin_parts(small.plugin, small.adapter.grid_hw,
                                               device, calls=200))
 
-    vit_b = StableSam(build_sam("vit_b", None), live_plugin(), "vit_b", "vit_b-random", device)
-    predictor = StableSamPredictor(vit_b)
     h, w = 768, 1024
-    g = torch.Generator().manual_seed(0)
-    embedding = torch.randn((1, 256, 64, 64), generator=g).to(device)
-    predictor.set_embedding(ImageEmbedding(embedding, (h, w), (768, 1024), "random"))
-    results["vit_b"] = compare_decoders(predictor, session_prompts(h, w), args.rounds, calls=2 if device.type == "cpu" else 20)
-    results["vit_b"].update(time_plugin_parts(vit_b.plugin, (64, 64), device, calls=20))
+    for name in ("vit_b", "sam2.1_hiera_tiny"):
+        model = StableSam(build_sam(name, None), live_plugin(), name, f"{name}-random", device)
+        predictor = StableSamPredictor(model)
+        predictor.set_embedding(random_embedding(model, h, w))
+        results[name] = compare_decoders(predictor, session_prompts(h, w), args.rounds,
+                                         calls=2 if device.type == "cpu" else 20)
+        results[name].update(time_plugin_parts(model.plugin, model.adapter.grid_hw, device, calls=20))
     for r in results.values():
         r["ratio_floor_projection"] = round(1 + r["projection_ms"] / r["sam_ms"], 4)
 

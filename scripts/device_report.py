@@ -6,13 +6,14 @@
 One process, parts in this order, each under a time cap (a part that reaches its cap stops
 measuring, keeps what it has and says ``cut_short``; one that fails says ``error`` and the run goes on):
 
-- ``encoder``: image encoder ms/image of ViT-B / L / H (random weights: none can be downloaded
-  here) at 1024 px, fp32 against bf16 autocast in alternating rounds, with the peak GPU memory of
-  each and the bf16 embedding's relative error;
+- ``encoder``: image encoder ms/image of ViT-B / L / H and SAM 2.1 hiera-tiny / small / base+ /
+  large (random weights: none can be downloaded here) at 1024 px, fp32 against bf16 autocast in
+  alternating rounds, with the peak GPU memory of each and the bf16 embedding's relative error;
 - ``decoder``: ms per prompt of plain SAM against Stable-SAM (live random plugin) on the same
   prompts, alternating rounds, medians: a click, a box, a box + 2 clicks, and 16 boxes in one call
-  (``many_boxes``; its ms per prompt = call / 16), for the small SAM (committed weights) and ViT-B / L / H (their
-  decoders are the same shape; the three rows are repeats of one cost on random weights);
+  (``many_boxes``; its ms per prompt = call / 16), for the small SAM (committed weights), ViT-B / L / H (their
+  decoders are the same shape; the three rows are repeats of one cost on random weights) and SAM 2.1
+  (``sam2.1_hiera_tiny``: every SAM 2.1 size has the same decoder, with its high-resolution maps);
 - ``app_click``: a cached click through the Flask app (test client, ViT-H) against the bare
   predictor on the same prompt, p50 / p95;
 - ``preannotate``: the offline pre-annotation job on generated 1024-px images with a few rough
@@ -56,13 +57,13 @@ from PIL import Image
 
 from stable_sam.benchmarking import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
-                                     random_model, sync, time_encoder, time_job, time_plugin_parts,
+                                     random_embedding, random_model, sync, time_encoder, time_job, time_plugin_parts,
                                      time_pretrain_steps)
 from stable_sam.build import build, resolve_device
 from stable_sam.checkpoint import atomic_write_json
 from stable_sam.data.synthetic import SyntheticScenes
 from stable_sam.embedding_cache import EmbeddingCache
-from stable_sam.model import ImageEmbedding, StableSam
+from stable_sam.model import StableSam
 from stable_sam.modeling.sam_tiny import build_sam_tiny
 from stable_sam.predictor import StableSamPredictor
 from stable_sam.pretrain import PretrainConfig
@@ -78,10 +79,11 @@ PARTS = ("encoder", "decoder", "app_click", "preannotate", "rts", "train_small",
 class Sizes:
     """How much each part measures, and its time cap in seconds."""
 
-    encoder_archs: Tuple[str, ...] = ("vit_b", "vit_l", "vit_h")
+    encoder_archs: Tuple[str, ...] = ("vit_b", "vit_l", "vit_h", "sam2.1_hiera_tiny", "sam2.1_hiera_small",
+                                      "sam2.1_hiera_base_plus", "sam2.1_hiera_large")
     encoder_images: int = 8  # timed passes per precision and round
     encoder_rounds: int = 3
-    decoder_archs: Tuple[str, ...] = ("vit_h", "sam_tiny", "vit_b", "vit_l")  # the target's first
+    decoder_archs: Tuple[str, ...] = ("vit_h", "sam_tiny", "vit_b", "vit_l", "sam2.1_hiera_tiny")  # the target's first
     decoder_rounds: int = 7
     decoder_calls: int = 10  # passes per round
     plugin_calls: int = 50
@@ -106,7 +108,7 @@ class Sizes:
     compile_backend: str = "inductor"
     compile_kinds: Tuple[str, ...] = ("box", "many_boxes")
     caps: Dict[str, float] = field(default_factory=lambda: {
-        "encoder": 60, "decoder": 90, "app_click": 45, "preannotate": 75, "rts": 45, "train_small": 30,
+        "encoder": 90, "decoder": 90, "app_click": 45, "preannotate": 75, "rts": 45, "train_small": 30,
         "decoder_compiled": 90})
     # The whole run (imports and CUDA start-up come on top, ~20 s): a part that would start with less
     # than half its cap left is skipped, and a part overruns its cap by at most one measurement.
@@ -115,7 +117,7 @@ class Sizes:
 
 QUICK = Sizes(
     encoder_archs=("sam_tiny",), encoder_images=2, encoder_rounds=1,
-    decoder_archs=("sam_tiny",), decoder_rounds=1, decoder_calls=1, plugin_calls=3, many_boxes=4,
+    decoder_archs=("sam_tiny", "sam2.1_hiera_tiny"), decoder_rounds=1, decoder_calls=1, plugin_calls=3, many_boxes=4,
     decoder_image_hw=(192, 256),
     click_arch="sam_tiny", click_images=1, clicks=3, click_repeats=1, click_size=256,
     preannotate_arch="sam_tiny", preannotate_images=2, preannotate_size=256, preannotate_boxes=2,
@@ -207,9 +209,9 @@ def part_encoder(p: Part) -> None:
             if p.over():
                 break
         with torch.inference_mode():
-            ref = model.sam.image_encoder(inputs[0]).float()
+            ref = model.adapter.encode(inputs[0])[0].float()
             with torch.autocast(dev.type, dtype=bf16):
-                low = model.sam.image_encoder(inputs[0]).float()
+                low = model.adapter.encode(inputs[0])[0].float()
         r["bf16_rel_err"] = round(float((low - ref).norm() / ref.norm()), 5)
         r["product_policy"] = "bf16 autocast" if dev.type == "cuda" else "fp32"  # StableSam.encoder_autocast
         del model, inputs
@@ -230,11 +232,7 @@ def part_decoder(p: Part) -> None:
             h, w = image.shape[:2]
         else:  # the decoder's cost does not depend on the embedding's values
             h, w = sz.decoder_image_hw
-            grid = model.sam.prompt_encoder.image_embedding_size
-            g = torch.Generator().manual_seed(0)
-            embedding = torch.randn((1, 256) + tuple(grid), generator=g).to(dev)
-            input_hw = tuple(model.transform.get_preprocess_shape(h, w, model.image_size))
-            predictor.set_embedding(ImageEmbedding(embedding, (h, w), input_hw, "random"))
+            predictor.set_embedding(random_embedding(model, h, w))
         r: Dict[str, Any] = {"image_hw": [h, w], "many_boxes": sz.many_boxes, "kinds": {}}
         p.results[arch] = r
         prompts = interactive_prompts(h, w, sz.many_boxes)
@@ -248,8 +246,7 @@ def part_decoder(p: Part) -> None:
                 predictor, one_each, sz.decoder_rounds, max(1, sz.decoder_calls // 4), p.deadline)
             r["batching_speedup"] = round(r["kinds"]["many_boxes_one_per_call"]["sam_ms"]
                                           / r["kinds"]["many_boxes"]["sam_ms"], 3)
-        r.update(time_plugin_parts(model.plugin, tuple(model.sam.prompt_encoder.image_embedding_size), dev,
-                                   sz.plugin_calls))
+        r.update(time_plugin_parts(model.plugin, model.adapter.grid_hw, dev, sz.plugin_calls))
         del model, predictor
 
 
@@ -261,12 +258,8 @@ def part_decoder_compiled(p: Part) -> None:
     free(dev)
     model = small_or_random(sz.compile_arch, dev)
     h, w = sz.decoder_image_hw
-    grid = tuple(model.sam.prompt_encoder.image_embedding_size)
-    g = torch.Generator().manual_seed(0)
-    embedding = torch.randn((1, 256) + grid, generator=g).to(dev)
     predictor = StableSamPredictor(model)
-    predictor.set_embedding(ImageEmbedding(embedding, (h, w), tuple(model.transform.get_preprocess_shape(
-        h, w, model.image_size)), "random"))
+    predictor.set_embedding(random_embedding(model, h, w))
     prompts = {k: v for k, v in interactive_prompts(h, w, sz.many_boxes).items() if k in sz.compile_kinds}
     p.results.update({"arch": sz.compile_arch, "backend": sz.compile_backend, "many_boxes": sz.many_boxes,
                       "eager": {}, "compiled": {}, "compile_s": {}, "max_logit_diff": {}})
@@ -277,7 +270,7 @@ def part_decoder_compiled(p: Part) -> None:
     from torch._dynamo.utils import counters
 
     counters.clear()
-    model.sam.mask_decoder.compile(backend=sz.compile_backend, dynamic=False)
+    model.adapter.mask_decoder.compile(backend=sz.compile_backend, dynamic=False)
     model.plugin.compile(backend=sz.compile_backend, dynamic=False)
     for kind, prompt in prompts.items():
         if p.over():

@@ -27,11 +27,13 @@ def _env_path(name: str) -> Optional[Path]:
 class ModelSettings:
     model_dir: Path = DEFAULT_MODEL_DIR  # MODEL_DIR: downloads, plugin versions, embedding store
     device: str = "auto"  # DEVICE: auto | cpu | cuda | cuda:N
-    sam_model_type: str = "sam_tiny"  # SAM_MODEL_TYPE: sam_tiny | vit_b | vit_l | vit_h
+    # SAM_MODEL_TYPE: sam_tiny | vit_b | vit_l | vit_h (segment_anything) | sam2.1_hiera_tiny | sam2.1_hiera_small
+    # | sam2.1_hiera_base_plus | sam2.1_hiera_large (Meta's sam2 package)
+    sam_model_type: str = "sam_tiny"
     sam_checkpoint: Optional[Path] = None  # SAM_CHECKPOINT: official weights file (else MODEL_DIR)
     plugin_checkpoint: Optional[Path] = None  # PLUGIN_CHECKPOINT: a plugin file
     # PLUGIN_CHECKPOINT unset: serve the plugin shipped for this SAM (the committed small SAM has one;
-    # vit_b/l/h have none: plain SAM's masks). PLUGIN_CHECKPOINT=none: no plugin.
+    # vit_b/l/h and SAM 2.1 have none: plain SAM's masks). PLUGIN_CHECKPOINT=none: no plugin.
     shipped_plugin: bool = False
     embedding_cache_mb: float = 512.0  # EMBEDDING_CACHE_MB: in-memory embedding LRU budget
     embedding_disk_cache: bool = False  # EMBEDDING_DISK_CACHE=1: also keep embeddings under MODEL_DIR
