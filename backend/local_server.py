@@ -76,12 +76,15 @@ def answering(proc: Process, port: int, timeout: float) -> tuple[Process, str]:
     return proc, url
 
 
-def start_backend(work: Path, env_extra: Dict[str, str], python: Optional[str] = None) -> tuple[Process, str]:
+def start_backend(work: Path, env_extra: Dict[str, str], python: Optional[str] = None,
+                  loopback_only: bool = False) -> tuple[Process, str]:
+    """``loopback_only``: the server refuses every connection outside loopback (``loopback_guard.py``)."""
     port = free_port()
     env = dict(os.environ)
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "THREADS": "4", "LOG_LEVEL": "INFO",
                 "DEVICE": "cpu"})
     env.update(env_extra)
-    cmd = [python or sys.executable, "-m", "gunicorn", "-c", str(ROOT / "backend" / "gunicorn.conf.py"),
+    guard = ["-m", "backend.loopback_guard"] if loopback_only else []
+    cmd = [python or sys.executable, *guard, "-m", "gunicorn", "-c", str(ROOT / "backend" / "gunicorn.conf.py"),
            "backend.wsgi:app"]
     return answering(Process("backend", cmd, env, work / "backend.log"), port, timeout=120)

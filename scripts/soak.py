@@ -1,7 +1,11 @@
 """Soak: N client threads x M requests of mixed valid and hostile bodies against a running backend.
 
 Starts its own gunicorn backend on 127.0.0.1 (a free port, the small SAM, a temporary local-files
-root with drawn images), or uses ``--url`` (loopback addresses only). Every valid body is first
+root with drawn images), or uses ``--url`` (loopback addresses only). Some hostile bodies name private
+and link-local image addresses (10.0.0.1, 169.254.169.254) that the backend's SSRF guard must refuse:
+this script and the backend it starts run under ``backend/loopback_guard.py``, so that if the SSRF
+guard regressed the connection fails (and counts as an error) instead of leaving the machine; a
+``--url`` backend is not guarded by this script. Every valid body is first
 sent once from one thread; then the threads send valid and hostile bodies in a seeded random mix.
 Prints, per class of body, how many answers had the expected status and which did not (any 5xx,
 non-JSON answer or unexpected status is an error), latency p50 / p95 / max, the worker's peak
@@ -221,7 +225,10 @@ def main() -> None:
         raise SystemExit(f"bounds: 1..{MAX_THREADS} threads, 1..{MAX_REQUESTS} requests each, "
                          f"time limit up to {MAX_SECONDS} s")
 
+    from backend import loopback_guard
     from backend.local_server import start_backend  # gunicorn on 127.0.0.1, a free port
+
+    loopback_guard.install()  # this process only talks to the backend on loopback
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     media = work / "media"
@@ -236,7 +243,7 @@ def main() -> None:
         env = {"LOCAL_FILES_DOCUMENT_ROOT": str(media), "MODEL_DIR": str(work / "models"), "MAX_REQUEST_MB": "4",
                "THREADS": str(args.server_threads), "LABEL_STUDIO_URL": "", "LOG_LEVEL": "WARNING",
                "DEVICE": "cpu"}
-        proc, url = start_backend(work, env)
+        proc, url = start_backend(work, env, loopback_only=True)
     try:
         session = requests.Session()
         t0 = time.perf_counter()
@@ -310,6 +317,10 @@ def main() -> None:
             proc.stop()
 
     ms = [1000 * x for x in latencies]
+    # connections the guard refused, here and in the backend (its log): each an SSRF guard regression
+    outside = len(loopback_guard.refused) + (proc.log_tail(10**8).count("loopback_guard: refused") if proc else 0)
+    if outside:
+        errors_by_class["connection outside loopback"]["refused by backend/loopback_guard.py"] += outside
     errors = sum(sum(c.values()) for c in errors_by_class.values())
     out = {
         "requests": len(latencies), "planned": args.threads * args.requests, "threads": args.threads,

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from backend import loopback_guard
 from stable_sam.build import build
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.model import StableSam
@@ -16,6 +17,23 @@ def pytest_configure(config) -> None:
     # workers) serves what ``tiny_model`` is, the small SAM with the no-op plugin, so their masks
     # can be compared with it. test_backend checks the shipped default (the RTS plugin) itself.
     os.environ.setdefault("PLUGIN_CHECKPOINT", "none")
+    # Tests name private and link-local addresses (10.0.0.1, 169.254.169.254, 192.168.0.1) to check
+    # that the SSRF guard refuses them: no connection of this process may leave loopback, so a
+    # regression fails (``loopback_only``) instead of sending traffic. Set here, not in a fixture,
+    # so that module and session fixtures are covered too. The subprocesses the tests start (gunicorn,
+    # Label Studio, Ray workers, Chromium) are not guarded: no test sends them such an address.
+    loopback_guard.install()
+
+
+@pytest.fixture(autouse=True)
+def loopback_only():
+    """Fail the test if anything in it tried to connect outside 127.0.0.0/8 and ::1 (the connection
+    was refused; code under test may have turned the error into an answer that looks right)."""
+    before = len(loopback_guard.refused)
+    yield
+    tried = loopback_guard.refused[before:]
+    if tried:
+        pytest.fail(f"connections outside loopback were tried (and refused): {tried}")
 
 
 @pytest.fixture(scope="session")
