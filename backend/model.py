@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from stable_sam.build import build_from_settings
+from stable_sam.build import build_from_settings, resolve_device
 from stable_sam.data.label_studio_prompts import (PromptGroup, Region, RegionError, group_prompts, parse_regions,
                                                   result_regions)
 from stable_sam.model import StableSam, model_version
@@ -47,6 +47,23 @@ log = logging.getLogger(__name__)
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 COUNTED_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 NO_PREDICTION: List[Dict[str, Any]] = []  # a task's entry in /predict's results: store nothing for it
+
+
+def describe_serving(s: BackendSettings) -> str:
+    """What serves, in one line: SAM, plugin, and the device DEVICE resolves to on this machine
+    ("cpu", not "auto"; torch is asked without initialising CUDA when PYTORCH_NVML_BASED_CUDA_CHECK=1,
+    as gunicorn's master does before it forks)."""
+    sam = str(s.sam_checkpoint) if s.sam_checkpoint else (
+        "checkpoints/sam_tiny.pt (the small SAM; set SAM_MODEL_TYPE/SAM_CHECKPOINT for a real SAM)"
+        if s.sam_model_type == "sam_tiny" else f"the official {s.sam_model_type} weights in {s.model_dir}")
+    plugin = str(s.plugin_path) if s.plugin_path else f"none ({s.plain_sam_notice()})"
+    try:
+        device = str(resolve_device(s.device))
+    except RuntimeError as e:  # DEVICE=cuda without CUDA: the model load fails and says so
+        device = f"{s.device} ({e})"
+    if s.device.strip().lower() == "auto":
+        device += " (DEVICE=auto)"
+    return f"SAM {s.sam_model_type} from {sam}; plugin {plugin}; device {device}"
 
 
 class StableSamBackend:
@@ -75,12 +92,7 @@ class StableSamBackend:
 
     # -- the model ---------------------------------------------------------------------------------
     def describe_model(self) -> str:
-        s = self.settings
-        sam = str(s.sam_checkpoint) if s.sam_checkpoint else (
-            "checkpoints/sam_tiny.pt (the small SAM; set SAM_MODEL_TYPE/SAM_CHECKPOINT for a real SAM)"
-            if s.sam_model_type == "sam_tiny" else f"the official {s.sam_model_type} weights in {s.model_dir}")
-        plugin = str(s.plugin_path) if s.plugin_path else f"none ({s.plain_sam_notice()})"
-        return f"SAM {s.sam_model_type} from {sam}; plugin {plugin}; device {s.device}"
+        return describe_serving(self.settings)
 
     def _install(self, model: StableSam) -> None:
         self.metrics.instrument(model.adapter.image_encoder, "encoder")

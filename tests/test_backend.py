@@ -681,6 +681,10 @@ def test_the_shipped_plugin_serves_by_default_and_plain_sam_says_so(monkeypatch,
                                model_factory=lambda: None)
     assert create_app(backend=backend).test_client().get("/health").get_json()["plugin"] == notice
     assert notice in backend.describe_model()
+    import torch  # the device resolved on this machine, never "auto"
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"device {expected} (DEVICE=auto)" in backend.describe_model()
 
 
 def test_a_training_job_gets_the_plugin_the_server_serves(monkeypatch, settings):
