@@ -51,14 +51,10 @@ _METRICS_DIR_PREFIX = "stable-sam-metrics-"  # the temporary directories this fi
 
 def on_starting(server):
     """Before any worker forks, so every worker inherits the directory; prometheus_client picks its
-    multi-process mode when first imported, so the master must not import it before this. First,
+    multi-process mode when first imported, so the master must not import it before this. Then
     the line saying what serves and on which device (resolved: "cpu", not "auto"), right after
     gunicorn's own first line; torch is asked without initialising CUDA (a CUDA context made
     before the fork would break the workers')."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    from backend.model import describe_serving
-
-    server.log.info("Stable-SAM backend: serving %s", describe_serving(_s))
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         # A directory given from outside may hold a previous run's counts: they would be summed in.
@@ -67,6 +63,10 @@ def on_starting(server):
             os.remove(stale)
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_DIR_PREFIX)
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from backend.model import describe_serving  # imports prometheus_client: after the directory is set
+
+    server.log.info("Stable-SAM backend: serving %s", describe_serving(_s))
 
 
 def child_exit(server, worker):
