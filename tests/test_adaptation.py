@@ -386,7 +386,11 @@ def _wait(predicate, timeout=30.0):
     raise AssertionError("timed out")
 
 
-def test_one_job_per_project_status_cancel_and_kill(tmp_path):
+def test_one_job_per_project_status_cancel_and_kill(tmp_path, monkeypatch):
+    # cancel() SIGTERMs, then SIGKILLs after CANCEL_GRACE_S. With a grace (120 s) longer than the
+    # job (60 s), returning within 60 s shows it returns when the job ends, never waiting out the
+    # grace, however loaded the machine is; the job's own report shows it ended on the SIGTERM.
+    monkeypatch.setattr("backend.jobs.CANCEL_GRACE_S", 120.0)
     jobs = JobManager(_settings(tmp_path, None), command=_fake(60))
     first = jobs.start(1)
     assert first["status"] == "started" and first["job_id"].startswith("project-1-")
@@ -398,7 +402,7 @@ def test_one_job_per_project_status_cancel_and_kill(tmp_path):
     assert st["status"] == "running" and st["pid"] == first["pid"] and jobs.running_job(1) == first["job_id"]
     t = time.monotonic()
     st = jobs.cancel(project=1)
-    assert st["status"] == "cancelled" and "SIGTERM" in st["error"] and time.monotonic() - t < 5
+    assert st["status"] == "cancelled" and "SIGTERM" in st["error"] and time.monotonic() - t < 60
     assert jobs.running_job(1) is None and jobs.start(1)["status"] == "started"
     # SIGKILL (what the OOM killer does): the lock goes with the process; the status says so
     st2 = jobs.status(project=2)
@@ -445,10 +449,10 @@ def test_start_training_webhook_runs_a_job_and_the_new_version_serves(tmp_path, 
         "--export", str(export), "--image-root", str(media_dir)]
     c = create_app(backend=backend).test_client()
     before = c.post("/setup", json={"project": "1.1"}).get_json()["model_version"]
-    t = time.monotonic()
     r = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "title": "p"}})
-    assert r.status_code == 201 and time.monotonic() - t < 1.0, r.get_json()
+    assert r.status_code == 201, r.get_json()
     job = r.get_json()["job_id"]
+    # answered at once, not when the job ends: the job still runs after the answer
     again = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
     assert again.status_code == 200 and again.get_json()["status"] == "running" and again.get_json()["job_id"] == job
     seen = set()

@@ -38,7 +38,9 @@ from backend_helpers import (MULTICLASS_CONFIG, RECOMMENDED_CONFIG, centroid, dr
 from ls_server import free_port, start_backend
 
 BOX_IOU = 0.8
-REQUEST_SECONDS = 15.0  # the fuzz test's bound on one request (CPU, small SAM, a shared machine)
+# The fuzz tests' backstop against unbounded work in one request: a runaway request takes minutes,
+# a normal one under a second on the small SAM; the rest is room for a shared, loaded CPU.
+REQUEST_SECONDS = 60.0
 POST_ROUTES = ("/setup", "/predict", "/webhook", "/train", "/versions/activate", "/train/cancel")
 
 # --------------------------------------------------------------------------------------------------
@@ -49,6 +51,9 @@ class _Images(BaseHTTPRequestHandler):
     files: dict = {}
     hits = 0
     trickle_delay = 0.2
+    # /gate.png: reaching it sets gate_reached, then the answer waits until gate_open is set
+    gate_reached = threading.Event()
+    gate_open = threading.Event()
 
     def log_message(self, *args):
         pass
@@ -68,6 +73,9 @@ class _Images(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
+        if self.path.startswith("/gate"):
+            type(self).gate_reached.set()
+            type(self).gate_open.wait(60)
         body = self.files.get(self.path)
         if body is None:
             self.send_response(404)
@@ -244,11 +252,10 @@ def test_rotated_box_with_a_claimed_size_of_1e9_gives_a_mask_of_the_file(client,
     rotated["value"]["width"] = 100.0 * (y1 - y0) / w
     rotated["value"]["height"] = 100.0 * (x1 - x0) / h
     rotated.update(original_width=10**9, original_height=10**9)
-    t = time.perf_counter()
     _, a = answer(client, "/predict", body(media_dir / "scene.png", [plain]))
     _, b = answer(client, "/predict", body(media_dir / "scene.png", [rotated]))
-    assert time.perf_counter() - t < REQUEST_SECONDS
     ra, rb = a["results"][0]["result"][0], b["results"][0]["result"][0]
+    # the mask is of the file's size: nothing of the claimed 1e9 x 1e9 was allocated or rotated
     assert (rb["original_width"], rb["original_height"]) == (w, h)
     assert iou(result_mask(ra), result_mask(rb)) >= 0.95  # rotated in the file's pixels, not the claimed ones
 
@@ -301,19 +308,22 @@ def test_extreme_aspect_ratios_give_a_mask_of_the_image(client, size):
 # unbounded work
 
 
-def test_region_and_task_limits_are_413_and_fast(settings, tiny_model, media_dir, scene):
-    c = create_app(backend=StableSamBackend(replace(settings, max_regions_per_context=50, max_tasks_per_request=20),
-                                            model=tiny_model)).test_client()
+def test_region_and_task_limits_are_413_before_any_model_work(settings, tiny_model, media_dir, scene):
+    backend = StableSamBackend(replace(settings, max_regions_per_context=50, max_tasks_per_request=20),
+                               model=tiny_model)
+    c = create_app(backend=backend).test_client()
     img = media_dir / "scene.png"
     kps = [keypoint(10 + i % 200, 10 + i % 150, scene.size, rid=f"k{i}") for i in range(10000)]
-    t = time.perf_counter()
+    encoded = tiny_model.encoder_calls
     refused(c, "/predict", body(img, kps), status=413, words=["10000", "MAX_REGIONS_PER_CONTEXT", "50"])
     rects = [rectangle((5, 5, 100, 100), scene.size, rid=f"r{i}") for i in range(51)]
     refused(c, "/predict", body(img, rects), status=413, words=["MAX_REGIONS_PER_CONTEXT"])
     tasks = [{"id": i, "data": {"image": str(img)}} for i in range(21)]
     refused(c, "/predict", {"tasks": tasks, "label_config": RECOMMENDED_CONFIG,
                             "params": {"context": {"result": rects[:1]}}}, status=413, words=["MAX_TASKS_PER_REQUEST"])
-    assert time.perf_counter() - t < 5.0  # refused before any model work
+    # refused before any work: no image read, nothing encoded or decoded
+    assert backend.images.hits + backend.images.misses == 0 and tiny_model.encoder_calls == encoded
+    assert backend.metrics.get("masks_total") == 0
     # at the limit: served; a batch task over the limit gets no prediction, the others do
     assert answer(c, "/predict", body(img, rects[:50]))[0] == 200
     batch = [{"id": 1, "data": {"image": str(img)}, "annotations": [{"id": 1, "result": rects}]},
@@ -417,12 +427,12 @@ def test_ssrf_guard_refuses_non_public_addresses_before_connecting(settings, tin
     c = create_app(backend=StableSamBackend(settings, model=tiny_model)).test_client()
     hits = handler.hits
     closed = f"http://127.0.0.1:{free_port()}/x.png"
+    # no connection is tried: one outside loopback would fail the test (conftest's loopback_only),
+    # one to the open port would count a hit, one to a closed port would answer 422, not 403
     for image in (f"{url}/scene.png", f"{url}/missing.png", closed, "http://localhost:9/x.png",
                   "http://10.0.0.1/x.png", "http://169.254.169.254/latest/meta-data/", "http://[::1]:9/x.png",
                   "http://0.0.0.0:9/x.png", "http://[::ffff:127.0.0.1]:9/x.png"):
-        t = time.perf_counter()
-        msg = refused(c, "/predict", body(image, [kp]), status=403, words=["SSRF_ALLOWED_HOSTS", "SSRF_PROTECTION"])
-        assert time.perf_counter() - t < 2.0, image  # no connection tried (10.0.0.1 would hang)
+        refused(c, "/predict", body(image, [kp]), status=403, words=["SSRF_ALLOWED_HOSTS", "SSRF_PROTECTION"])
     assert handler.hits == hits  # an open port and a closed one answer alike: nothing was connected
     # listed in SSRF_ALLOWED_HOSTS (a host, an IP or a network), or Label Studio's own host: read
     for allowed in (("127.0.0.1",), ("127.0.0.0/8",), ("localhost", "127.0.0.1")):
@@ -619,35 +629,50 @@ def test_live_slow_download_stops_at_the_deadline_and_health_answers(live, image
         t.join(30)
     assert len(results) == 4
     for status, data, seconds in results:
+        # the deadline, not a read timeout, ended it (the error names it): every read gets a byte
+        # within FETCH_TIMEOUT_S, so without the deadline the 100,000-byte trickle would take 5.5 hours
         assert status == 422 and "FETCH_DEADLINE_S" in data["error"], data
-        assert seconds < 6.0  # FETCH_DEADLINE_S is 2: the download, not each read, is bounded
-    t = time.perf_counter()
-    assert requests.get(f"{url}/health", timeout=10).status_code == 200
-    assert time.perf_counter() - t < 2.0
+        assert seconds < 30  # FETCH_DEADLINE_S is 2; the rest is room for a loaded machine
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200  # the workers are free again
 
 
-def test_live_work_for_a_client_that_left_stops(live, media_dir, scene):
+def test_live_work_for_a_client_that_left_stops(live, image_server, media_dir, scene):
+    """1,000 tasks; the client leaves while task 1's image is being downloaded: the backend stops
+    before task 2. Deterministic: the image server holds task 1's download until the client has
+    closed its connection (no sleep deciding how far the work got)."""
     url, proc = live
+    images, handler = image_server
+    handler.files["/gate.png"] = scene.png()
+    handler.gate_reached.clear()
+    handler.gate_open.clear()
     rects = [rectangle(loosen(box, scene.size), scene.size, rid=f"r{j}") for j, box in enumerate(scene.boxes)]
-    # 1,000 tasks x 2 masks: minutes of work here, seconds on the fastest CPU
-    tasks = [{"id": i, "data": {"image": str(media_dir / "scene.png")},
+    tasks = [{"id": i, "data": {"image": str(media_dir / "scene.png") if i == 0 else f"{images}/gate.png"},
               "annotations": [{"id": i, "result": rects}]} for i in range(1000)]
     payload = json.dumps({"tasks": tasks, "label_config": RECOMMENDED_CONFIG}).encode()
+
+    def counts():
+        m = requests.get(f"{url}/metrics", params={"format": "json"}, timeout=10).json()
+        return m.get("masks_total", 0), m.get("batch_tasks_failed_total", 0)
+
+    masks0, failed0 = counts()
     host, port = url.rsplit("/", 1)[-1].split(":")
-    with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                  % len(payload) + payload)
-        time.sleep(1.0)  # some masks made, most not
-    deadline = time.monotonic() + 30
+    try:
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                      % len(payload) + payload)
+            # task 0 is done and task 1 checked the client before its download, which now waits
+            assert handler.gate_reached.wait(120), proc.log_tail()
+    finally:
+        handler.gate_open.set()  # the client is gone: task 1's image arrives (within FETCH_DEADLINE_S)
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "client closed the connection" not in proc.log_tail(20000):
         time.sleep(0.2)
     log = proc.log_tail(20000)
-    assert "client closed the connection: stopped after" in log
-    done = int(log.rsplit("stopped after ", 1)[1].split(" ")[0])
-    assert done < 1000
-    masks = requests.get(f"{url}/metrics", params={"format": "json"}, timeout=10).json()["masks_total"]
-    time.sleep(1.0)
-    assert requests.get(f"{url}/metrics", params={"format": "json"}, timeout=10).json()["masks_total"] == masks
+    assert "client closed the connection: stopped after 2 of 1000 tasks" in log, log[-3000:]
+    masks, failed = counts()
+    # tasks 0 and 1 made their masks (task 1 none if its download missed the deadline on a loaded
+    # machine: then it counts as failed), and nothing after them
+    assert masks - masks0 == len(rects) * (2 - (failed - failed0)), (masks - masks0, failed - failed0)
 
 
 image_url = st.sampled_from([
