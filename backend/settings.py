@@ -169,7 +169,7 @@ class BackendSettings(ModelSettings):
     # PolygonLabels control on the image gets polygons: one per piece of at least
     # POLYGON_MIN_AREA_PX pixels (the largest always), or the largest alone, simplified within
     # POLYGON_TOLERANCE_PX pixels; holes are dropped (Label Studio's polygons have none).
-    mask_min_region_px: int = 0  # MASK_MIN_REGION_PX (0: off)
+    mask_min_region_px: int = 256  # MASK_MIN_REGION_PX (0: off; the default measured in docs/benchmarks.md)
     polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: 0..20
     polygon_min_area_px: int = 16  # POLYGON_MIN_AREA_PX
     polygon_largest_only: bool = False  # POLYGON_LARGEST_ONLY=1: one polygon per object

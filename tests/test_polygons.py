@@ -147,7 +147,8 @@ def test_polygon_results_in_label_studio_form():
     assert control.tag == "PolygonLabels"
     mask = _two_pieces_with_specks()
     pred = ObjectMask(mask, 0.9, 0.95, (0.1, 0.9))
-    results = mask_results(_group(), "Object", control, "image", pred, BackendSettings(polygon_min_area_px=16))
+    raw = BackendSettings(mask_min_region_px=0)
+    results = mask_results(_group(), "Object", control, "image", pred, replace(raw, polygon_min_area_px=16))
     assert [r["id"] for r in results] == ["k1_sam", "k1_sam1"]  # the speck is under POLYGON_MIN_AREA_PX
     for r in results:
         assert r["type"] == "polygonlabels" and r["from_name"] == "poly" and r["to_name"] == "image"
@@ -159,7 +160,7 @@ def test_polygon_results_in_label_studio_form():
         assert r["stable_sam"]["area_px"] == int(mask.sum())
     back = polygons_mask([np.asarray(r["value"]["points"]) / 100 * (100, 80) for r in results], 80, 100)
     assert iou(back, _filled(mask) & ~(np.arange(100)[None, :] == 90)) >= 0.97
-    one = mask_results(_group(), "Object", control, "image", pred, BackendSettings(polygon_largest_only=True))
+    one = mask_results(_group(), "Object", control, "image", pred, replace(raw, polygon_largest_only=True))
     assert len(one) == 1 and one[0]["id"] == "k1_sam"
     assert mask_results(_group(), "Object", control, "image", replace(pred, mask=np.zeros_like(mask)),
                         BackendSettings()) == []
@@ -174,8 +175,8 @@ def test_clean_masks_apply_to_brush_and_polygon_results():
     assert brush["type"] == "brushlabels"
     assert (result_mask(brush) == clean_mask(mask, 20)).all()
     assert result_mask(brush)[30:33, 30:33].all() and not result_mask(brush)[5, 90]
-    (raw,) = mask_results(_group(), "Object", brush_control, "image", pred, BackendSettings())
-    assert (result_mask(raw) == mask).all()  # the default (0) changes nothing
+    (raw,) = mask_results(_group(), "Object", brush_control, "image", pred, BackendSettings(mask_min_region_px=0))
+    assert (result_mask(raw) == mask).all()  # 0: off
     poly_control = parse_label_config(POLYGON_CONFIG).output_by_image["image"]
     assert len(mask_results(_group(), "Object", poly_control, "image", pred, clean)) == 2  # the speck is gone
     assert len(mask_results(_group(), "Object", poly_control, "image", pred, replace(clean, mask_min_region_px=0))) == 3
