@@ -1,0 +1,190 @@
+"""What the polygon output and the mask clean-up cost and change, on real held-out photos.
+
+    python scripts/bench_polygons.py                 # docs/benchmarks.md's figures: the committed small
+                                                     # SAM and plugin, 8 images each of ccp-heldout and
+                                                     # camvid-val, 4 prompts per object and type
+    python scripts/bench_polygons.py --json          # ... and one JSON object as the last line
+    python scripts/bench_polygons.py --checkpoint new_sam_tiny.pt --plugin new_plugin.pt --images 20
+
+The masks are the benchmark protocol's (``stable_sam.evaluation``: GT box, noisy boxes s = 0.2 /
+0.4, 1 and 3 points, seeded prompts, single-mask decoding) from the model and plugin given. Then:
+
+- **Polygons**: each mask (cleaned at the backend's default MASK_MIN_REGION_PX) becomes polygons as
+  the backend writes them (``stable_sam.masks.mask_polygons``: one per piece of at least
+  POLYGON_MIN_AREA_PX, holes dropped) at each ``--tolerances`` value; the union of the polygons is
+  rasterised by pycocotools (as a reader of Label Studio's COCO export would) and compared with the
+  mask (IoU), with vertices per object and milliseconds per object (the conversion alone).
+- **Clean masks**: each mask is cleaned at every ``--clean-areas`` value (islands and holes under
+  that many pixels removed, ``stable_sam.masks.clean_mask``) and its IoU with the ground truth is
+  compared with the raw mask's: mIoU per prompt type, and the change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from backend.settings import BackendSettings
+from stable_sam.build import MODEL_TYPES, build
+from stable_sam.checkpoint import load_plugin
+from stable_sam.data.dataset import DatasetError
+from stable_sam.data.sources import open_dataset
+from stable_sam.download import CheckpointError
+from stable_sam.evaluation import PROMPT_TYPES, TYPE_LABELS, ProtocolConfig, predict_protocol, protocol_samples
+from stable_sam.masks import PolygonOptions, clean_mask, mask_polygons, polygons_mask
+from stable_sam.metrics import mask_iou
+from stable_sam.predictor import StableSamPredictor
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PLUGIN = ROOT / "checkpoints" / "plugin_sam_tiny_rts.pt"
+REAL = ROOT.parent / "shared" / "data" / "real"
+DEFAULT_DATASETS = [REAL / "ccp-heldout", REAL / "camvid-val"]
+DEFAULTS = BackendSettings()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", action="append", type=Path, default=None,
+                    help="a folder of images + mask PNGs (repeatable; default: ../shared/data/real/ccp-heldout "
+                         "and camvid-val)")
+    ap.add_argument("--images", type=int, default=8, help="images per dataset (the first ones)")
+    ap.add_argument("--prompts", type=int, default=4, help="seeded prompts per object and random prompt type")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--types", default=",".join(PROMPT_TYPES), help=f"comma-separated, from {PROMPT_TYPES}")
+    ap.add_argument("--model-type", default="sam_tiny", choices=MODEL_TYPES)
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="SAM weights (default: the committed small SAM, or the official file for vit_*)")
+    ap.add_argument("--model-dir", type=Path, default=None, help="where official SAM weights are kept")
+    ap.add_argument("--plugin", default=str(DEFAULT_PLUGIN), help="Stable-SAM plugin checkpoint, or 'none' (plain SAM)")
+    ap.add_argument("--tolerances", default=f"0,0.5,{DEFAULTS.polygon_tolerance_px:g},2",
+                    help=f"POLYGON_TOLERANCE_PX values (default {DEFAULTS.polygon_tolerance_px:g} among them)")
+    ap.add_argument("--clean-areas", default="0,16,64,256", help="MASK_MIN_REGION_PX values")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_polygons.json")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return ap.parse_args(argv)
+
+
+def _numbers(text: str, kind=float) -> List:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datasets = args.dataset or DEFAULT_DATASETS
+    try:
+        tolerances, areas = _numbers(args.tolerances), _numbers(args.clean_areas, int)
+        if 0 not in areas:
+            areas = [0] + areas
+        cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
+                             prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()))
+        sets = [open_dataset(d, limit=args.images) for d in datasets]
+        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device, model_dir=args.model_dir)
+        plugin = None if args.plugin.lower() == "none" else load_plugin(Path(args.plugin), model_type=args.model_type)
+    except (DatasetError, CheckpointError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    predictor = StableSamPredictor(model, max_batch=128, plugin=plugin.plugin if plugin else None)
+    default_area = DEFAULTS.mask_min_region_px
+    options = {t: PolygonOptions(t, DEFAULTS.polygon_min_area_px, DEFAULTS.polygon_largest_only) for t in tolerances}
+    # per prompt type: per-object mean IoU with the ground truth at each clean-up area
+    gt_iou: Dict[str, Dict[int, List[float]]] = {t: {a: [] for a in areas} for t in cfg.prompt_types}
+    # per tolerance: per mask IoU polygon vs mask, vertices, pieces, ms
+    poly: Dict[float, Dict[str, List[float]]] = {t: {"iou": [], "vertices": [], "pieces": [], "ms": []}
+                                                 for t in tolerances}
+    clean_ms: List[float] = []
+    images = objects = 0
+    start = time.perf_counter()
+    print(f"model {model.version} on {model.device}; plugin {plugin.version if plugin else 'none (plain SAM)'}; "
+          f"datasets {', '.join(d.description for d in sets)}", file=sys.stderr)
+    for ds in sets:
+        for sample, prompts_of in protocol_samples(ds, cfg, Path(ds.description).name[:20], not args.no_progress):
+            images += 1
+            objects += len(sample.masks)
+            h, w = sample.image.shape[:2]
+            predictor.set_embedding(model.embed(sample.image))
+            for t, prompts in prompts_of.items():
+                masks, _ = predict_protocol(predictor, prompts, t, use_plugin=plugin is not None)
+                bounds = np.cumsum([0] + [len(p) for p in prompts])
+                for j, gt in enumerate(sample.masks):
+                    ious = {a: [] for a in areas}
+                    for mask in masks[bounds[j]:bounds[j + 1]]:
+                        for a in areas:
+                            t0 = time.perf_counter()
+                            cleaned = clean_mask(mask, a)
+                            if a == default_area and a:
+                                clean_ms.append(1000 * (time.perf_counter() - t0))
+                            ious[a].append(float(mask_iou(cleaned, gt)))
+                        served = clean_mask(mask, default_area)
+                        for tol, opt in options.items():
+                            t0 = time.perf_counter()
+                            polygons = mask_polygons(served, opt)
+                            poly[tol]["ms"].append(1000 * (time.perf_counter() - t0))
+                            poly[tol]["iou"].append(float(mask_iou(polygons_mask(polygons, h, w), served)))
+                            poly[tol]["vertices"].append(sum(len(p) for p in polygons))
+                            poly[tol]["pieces"].append(len(polygons))
+                    for a in areas:
+                        gt_iou[t][a].append(float(np.mean(ious[a])))
+    seconds = time.perf_counter() - start
+
+    polygons_out = {f"{tol:g}": {"iou_mean": round(float(np.mean(v["iou"])), 4),
+                                 "iou_p05": round(float(np.percentile(v["iou"], 5)), 4),
+                                 "vertices_per_object": round(float(np.mean(v["vertices"])), 1),
+                                 "vertices_median": float(np.median(v["vertices"])),
+                                 "pieces_per_object": round(float(np.mean(v["pieces"])), 2),
+                                 "ms_per_object": round(float(np.mean(v["ms"])), 3)}
+                    for tol, v in poly.items()}
+    clean_out = {t: {str(a): round(100 * float(np.mean(v)), 2) for a, v in by_area.items()}
+                 for t, by_area in gt_iou.items()}
+    print(f"\n{images} images, {objects} objects, {args.prompts} prompts per object and random type, "
+          f"{sum(len(v) for v in gt_iou[cfg.prompt_types[0]].values()) // len(areas)} object-type rows, "
+          f"{seconds:.0f} s\n")
+    print(f"Polygons (min area {DEFAULTS.polygon_min_area_px} px, masks cleaned at {default_area} px), "
+          f"rasterised by pycocotools vs the mask:\n")
+    print("| tolerance (px) | IoU polygon vs mask | 5th percentile | vertices per object (mean / median) "
+          "| polygons per object | ms per object |")
+    print("|---|---|---|---|---|---|")
+    for tol, row in polygons_out.items():
+        mark = " (default)" if float(tol) == DEFAULTS.polygon_tolerance_px else ""
+        print(f"| {tol}{mark} | {row['iou_mean']:.4f} | {row['iou_p05']:.4f} | {row['vertices_per_object']:.1f} / "
+              f"{row['vertices_median']:g} | {row['pieces_per_object']:.2f} | {row['ms_per_object']:.2f} |")
+    print("\nClean masks: mIoU with the ground truth after removing islands and holes under N px "
+          "(change vs raw):\n")
+    print("| prompt | raw | " + " | ".join(f"{a} px" for a in areas if a) + " |")
+    print("|---|---|" + "---|" * (len(areas) - 1))
+    for t, row in clean_out.items():
+        cells = [f"{row[str(a)]:.2f} ({row[str(a)] - row['0']:+.2f})" for a in areas if a]
+        print(f"| {TYPE_LABELS.get(t, t)} | {row['0']:.2f} | " + " | ".join(cells) + " |")
+    if clean_ms:
+        print(f"\nclean-up at {default_area} px: {np.mean(clean_ms):.2f} ms per mask")
+
+    report = {
+        "command": " ".join(["python", "scripts/bench_polygons.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "model": model.version, "plugin": plugin.version if plugin else None, "device": str(model.device),
+        "datasets": [d.description for d in sets], "images": images, "objects": objects,
+        "prompts_per_object": args.prompts, "prompt_types": list(cfg.prompt_types),
+        "defaults": {"POLYGON_TOLERANCE_PX": DEFAULTS.polygon_tolerance_px,
+                     "POLYGON_MIN_AREA_PX": DEFAULTS.polygon_min_area_px, "MASK_MIN_REGION_PX": default_area},
+        "polygons": polygons_out, "clean_miou": clean_out, "seconds": round(seconds, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {args.out}")
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
