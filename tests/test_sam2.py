@@ -295,11 +295,13 @@ def test_automatic_masks_on_sam2(sam2_model, scenes):
     assert found and all(a.mask.shape == (h, w) and a.mask.dtype == bool for a in found)
 
 
-def test_the_cache_counts_sam2_high_res_maps_in_its_bound(sam2_model):
+def test_the_cache_counts_sam2_high_res_maps_in_its_bound_and_stores_them_on_disk(sam2_model, tmp_path):
     shapes = sam2_model.adapter.feature_shapes()
-    features = tuple(torch.zeros((1, *s)) for s in shapes)
+    features = tuple(torch.randn((1, *s)) for s in shapes)
     assert features_nbytes(features) == 16 * 2**20  # 4 MiB embedding + 8 + 4 MiB high-res maps
-    cache = EmbeddingCache(max_mb=20)
-    cache.put("a", features)
-    cache.put("b", features)
+    cache = EmbeddingCache(max_mb=20, disk_dir=tmp_path)
+    cache.get_or_compute("a", lambda: features)
+    cache.get_or_compute("b", lambda: features)
     assert cache.get("a") is None and cache.get("b") is not None and cache.nbytes == 16 * 2**20
+    again = EmbeddingCache(max_mb=20, disk_dir=tmp_path).get_or_compute("a", lambda: pytest.fail("recomputed"))
+    assert isinstance(again, tuple) and all(torch.equal(x, y) for x, y in zip(again, features))
