@@ -3,7 +3,9 @@
 Label Studio lives in its own venv (``make install-ls`` -> .venv-ls: it pins Django and its own
 label-studio-sdk). Its database migrations take about a minute, so a migrated data dir is built
 once with ``label-studio init`` and kept as a template under the venv; each run copies it to a
-temporary dir and starts from there in seconds. Settings as in ../shared/docs/label-studio-protocol.md.
+temporary dir and starts from there in seconds. Settings as in ../shared/docs/label-studio-protocol.md;
+the ones that let it call a backend on 127.0.0.1 are read from the README's step 1, so the tests
+start it as a reader of the README would.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def import_images(ls_url: str, project: int, pngs: List[bytes]) -> None:
             raise RuntimeError(f"import into project {project} failed: HTTP {r.status_code} {r.text[:300]}")
 
 
+def readme_label_studio_settings() -> Dict[str, str]:
+    """The ``NAME=value`` settings the README's step 1 starts Label Studio with (its
+    ``label-studio start`` line): the end-to-end tests start it with exactly these."""
+    import re
+
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if "label-studio start" in line:
+            settings = dict(re.findall(r"\b([A-Z][A-Z0-9_]+)=(\S+)", line.split("label-studio start")[0]))
+            if settings:
+                return settings
+    raise AssertionError("README.md has no `NAME=value ... label-studio start` line")
+
+
 def ls_env(data_dir: Path, port: int) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("USERNAME", "PASSWORD", "PORT", "HOST") and not k.startswith(("LABEL_STUDIO_", "DJANGO_"))}
@@ -61,14 +76,13 @@ def ls_env(data_dir: Path, port: int) -> Dict[str, str]:
         "LABEL_STUDIO_PASSWORD": PASSWORD,
         "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
-        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
         "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
         "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
         "SENTRY_DSN": "",
         "FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_PORT": str(port),
     })
+    env.update(readme_label_studio_settings())  # what lets it call a backend on this machine
     return env
 
 

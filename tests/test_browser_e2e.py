@@ -44,8 +44,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 VIEWPORT = {"width": 1600, "height": 1200}  # the whole labeling screen, labels under the image included
 ARTIFACTS = ROOT / "runs" / "browser-e2e"
 SIZE = (480, 360)
-# Scenes whose two objects are not red: recommended.xml's brush is red, and the canvas check looks
-# for the pixels a mask overlay changes (red over red changes too little).
+# Scenes whose first one's objects are far in colour from the mask's (the brush label's): the canvas
+# check looks for the pixels a mask overlay changes (blue over blue changes too little).
 SCENE_SEEDS = {"recommended": (20, 21), "multiclass": (22, 23)}
 MASK_IOU = 0.8  # the small SAM measures 0.95-0.98 on these prompts (printed at the end)
 CANVAS_IOU = 0.85  # changed canvas pixels vs the mask sent, at screen resolution (measured 0.99)
@@ -120,6 +120,7 @@ class Annotator:
     def __init__(self, page, ls_url: str, out: Path) -> None:
         self.page, self.ls_url, self.out = page, ls_url, out
         self.shots: List[str] = []
+        self.size = SIZE  # the open task's image, W x H
 
     def login(self) -> None:
         pg = self.page
@@ -190,7 +191,7 @@ class Annotator:
     def at(self, x: float, y: float) -> Tuple[float, float]:
         """Page coordinates of image pixel (x, y)."""
         f = self.frame()
-        return f["x"] + x / SIZE[0] * f["width"], f["y"] + y / SIZE[1] * f["height"]
+        return f["x"] + x / self.size[0] * f["width"], f["y"] + y / self.size[1] * f["height"]
 
     def to_canvas(self, mask: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
         return _on_screen(mask, shape, self.stage(), self.frame())
@@ -277,10 +278,13 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
     out.mkdir(parents=True)
     client = LabelStudio(base_url=ls_url, api_key=LEGACY_TOKEN)
     scenes = [drawn_scene(seed, *SIZE) for seed in SCENE_SEEDS[config_name]]
-    for sc in scenes:
-        for m in sc.masks:
-            r, g, _ = sc.image[m].mean(axis=0)
-            assert not (r > 200 and g < 100), "a red object: the canvas check could not see a red mask on it"
+    from label_studio_sdk.label_interface import LabelInterface
+
+    brush = LabelInterface(config).get_control("tag").labels_attrs[label].attr["background"]
+    brush_rgb = np.array([int(brush[i:i + 2], 16) for i in (1, 3, 5)])
+    for m in scenes[0].masks:
+        assert np.abs(scenes[0].image[m].mean(axis=0) - brush_rgb).sum() > 150, \
+            f"an object coloured like the mask ({brush}): the canvas check could not see the mask on it"
     project = client.projects.create(title=f"browser {config_name}", label_config=config)
     import_images(ls_url, project.id, [sc.png() for sc in scenes])
     tasks = sorted(t.id for t in client.tasks.list(project=project.id))
@@ -442,3 +446,133 @@ def test_annotator_clicks_to_masks_in_label_studio(stack, browser, config_name):
     path.write_text(json.dumps(existing, indent=1))
     print(f"\nbrowser e2e {config_name} ({backend}): {json.dumps(record['seconds'])} {json.dumps(record['iou'])}"
           f"\nscreenshots and timings: {out} {path}")
+
+
+POLYGON_CONFIG = (ROOT / "label_config" / "polygon.xml").read_text()
+# A real photo for the polygon screenshot in docs/annotating.md (Clothing Co-Parsing, Apache-2.0):
+# used where ../shared/data/real is present; the assertions run on a drawn scene either way.
+REAL_PHOTO = ROOT.parent / "shared" / "data" / "real" / "ccp-heldout" / "images" / "ccp_0802.jpg"
+EXPORT_AREA_TOLERANCE = 0.03  # COCO export area vs the mask's pixel count (measured: see the print)
+
+
+def _export_coco(ls_url: str, project: int) -> Dict:
+    """Label Studio's own COCO export of ``project`` (its export API), read back with pycocotools."""
+    import zipfile
+
+    from pycocotools.coco import COCO
+
+    r = requests.get(f"{ls_url}/api/projects/{project}/export", params={"exportType": "COCO",
+                     "download_resources": "false"}, headers={"Authorization": f"Token {LEGACY_TOKEN}"}, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    if r.content[:2] == b"PK":
+        with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+            data = json.loads(z.read(next(n for n in z.namelist() if n.endswith(".json"))))
+    else:
+        data = r.json()
+    coco = COCO()
+    coco.dataset = data
+    coco.createIndex()
+    return coco
+
+
+def test_polygon_suggestion_accept_submit_and_coco_export(stack, browser):
+    """polygon.xml in the labeling screen: a click gives polygon regions as a suggestion; accepted
+    and submitted they are stored as polygonlabels; Label Studio's COCO export of the project reads
+    back with pycocotools with the mask's area. Also the first log line of the backend, and (where
+    the real photos are) a screenshot of a polygon on a photo for docs/annotating.md."""
+    from label_studio_sdk import LabelStudio
+
+    from stable_sam.masks import polygons_mask
+
+    be = stack["backends"]["prefetch"]
+    be_url, ls_url = be["url"], stack["ls_url"]
+    lines = [ln for ln in be["proc"].log_path.read_text().splitlines() if ln.strip()]
+    serving = next(i for i, ln in enumerate(lines) if "Stable-SAM backend: serving" in ln)
+    listening = next(i for i, ln in enumerate(lines) if "Listening at" in ln)
+    assert serving < listening and ("device cpu" in lines[serving] or "device cuda" in lines[serving]), lines[:6]
+    assert "device auto" not in lines[serving]
+
+    out = ARTIFACTS / "polygon"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    client = LabelStudio(base_url=ls_url, api_key=LEGACY_TOKEN)
+    sc = drawn_scene(24, *SIZE)
+    project = client.projects.create(title="browser polygon", label_config=POLYGON_CONFIG)
+    pngs = [sc.png()]
+    if REAL_PHOTO.is_file():
+        pngs.append(REAL_PHOTO.read_bytes())
+    import_images(ls_url, project.id, pngs)
+    tasks = sorted(t.id for t in client.tasks.list(project=project.id))
+    client.ml.create(project=project.id, url=be_url, is_interactive=True, title="Stable-SAM polygons")
+
+    page = browser.new_page(viewport=VIEWPORT)
+    who = Annotator(page, ls_url, out)
+    try:
+        who.login()
+        who.open_task(project.id, tasks[0])
+        # the rows say what they are, above the image
+        rows = [page.locator(".lsf-labels").nth(i).inner_text() for i in range(3)]
+        assert [r.split("\n")[0] for r in rows] == ["Object (polygon)", "Object (click)", "Object (box)"], rows
+        assert page.locator(".lsf-labels").nth(2).bounding_box()["y"] < who.frame()["y"]
+        who.auto_annotation_on()  # and a click on an empty spot: the toggle keeps the keyboard
+        page.keyboard.press("m")
+        page.wait_for_timeout(150)
+        assert "key-point-tool" in who.active_tools(), who.active_tools()
+        who.press(who.label_hotkey(1, "Object"))
+        obj = sc.masks[0]
+        answer, _ = who.click(*centroid(obj))
+        results = answer["result"]
+        assert results and all(r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["Object"]
+                               for r in results), results
+        w, h = SIZE
+        raster = polygons_mask([np.asarray(r["value"]["points"]) / 100 * (w, h) for r in results], h, w)
+        assert iou(raster, obj) >= MASK_IOU
+        area_px = results[0]["stable_sam"]["area_px"]
+        who.screen("1-polygon-suggestion")
+        who.accept()
+        assert page.locator(".lsf-tree__node_type_polygonregion").count() == len(results)
+        assert page.locator(".lsf-tree__node_type_keypointregion").count() == 0
+        who.screen("2-polygon-accepted")
+        with page.expect_response(lambda r: "/annotations" in r.url and r.request.method == "POST") as sub:
+            page.get_by_test_id("bottombar-submit-button").click()
+        assert sub.value.status == 201, sub.value.text()
+        (ann,) = client.annotations.list(id=tasks[0])
+        stored = [r for r in ann.result if r["type"] == "polygonlabels"]
+        assert len(stored) == len(results) == len(ann.result), [r["type"] for r in ann.result]
+        for got, sent in zip(sorted(stored, key=lambda r: -len(r["value"]["points"])),
+                             sorted(results, key=lambda r: -len(r["value"]["points"]))):
+            assert np.allclose(got["value"]["points"], sent["value"]["points"], atol=1e-3)
+
+        coco = _export_coco(ls_url, project.id)
+        image_id = next(i["id"] for i in coco.dataset["images"])
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert len(anns) == len(results) and all(a["segmentation"] for a in anns), anns
+        exported = sum(a["area"] for a in anns)
+        drawn = np.zeros((h, w), bool)
+        for a in anns:
+            drawn |= coco.annToMask(a).astype(bool)
+        print(f"\npolygon: {len(results)} region(s), {sum(len(r['value']['points']) for r in results)} vertices; "
+              f"mask {area_px} px, COCO export area {exported:.0f}, pycocotools raster {int(drawn.sum())} px")
+        assert abs(exported - area_px) <= EXPORT_AREA_TOLERANCE * area_px
+        assert abs(int(drawn.sum()) - area_px) <= EXPORT_AREA_TOLERANCE * area_px
+
+        if len(tasks) > 1:  # the real photo: a loose box around the jacket, for the docs' screenshot
+            photo = np.asarray(Image.open(io.BytesIO(pngs[1])).convert("RGB"))
+            who.size = (photo.shape[1], photo.shape[0])
+            who.open_task(project.id, tasks[1])
+            who.auto_annotation_on()
+            who.smart_tool("rectangle-tool")
+            who.press(who.label_hotkey(2, "Object"))
+            ph, pw = photo.shape[:2]
+            objects = sorted((np.asarray(Image.open(m)) > 0 for m in
+                              REAL_PHOTO.parent.parent.glob(f"masks/{REAL_PHOTO.stem}_mask_*.png")), key=np.sum)
+            ys, xs = np.nonzero(objects[-2])  # the second largest object (the jacket; the largest is the person)
+            answer, _ = who.drag((max(xs.min() - 8, 1), max(ys.min() - 8, 1), min(xs.max() + 8, pw - 1),
+                                  min(ys.max() + 8, ph - 1)))
+            assert answer["result"] and answer["result"][0]["type"] == "polygonlabels"
+            who.accept()
+            page.locator(".lsf-tree__node_type_polygonregion").first.click()
+            page.wait_for_timeout(500)
+            who.screen("3-polygon-on-a-photo")
+    finally:
+        page.close()
