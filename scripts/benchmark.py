@@ -27,7 +27,7 @@ from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import is_generated, open_dataset
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, ProtocolConfig, evaluate,
-                                   side_by_side_table, targets_report, variants_table)
+                                   side_by_side_table, size_table, targets_report, variants_table)
 from stable_sam.figures import comparison_figure
 from stable_sam.modeling.plugin import count_trainable
 
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     print(f"\n{result.images} images, {result.objects} objects, {cfg.prompts_per_object} prompts per object "
           f"and type, {result.seconds:.0f} s\n")
     print(side_by_side_table(summary))
+    by_size = result.by_size()
+    print("\nmIoU by object size (COCO: small < 32^2 px, medium < 96^2, large):\n" + size_table(by_size))
     if len(plugins) > 2:
         labels = {"sam": "SAM (no plugin)", "stable_sam": "Stable-SAM (default)"}
         print("\n" + variants_table(summary, labels))
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         "plugins": {name: {"version": versions.get(name), "path": str(args.plugin if name == "stable_sam" else variants.get(name)),
                            "config": p.config.to_dict()} for name, p in plugins.items() if p is not None},
         "plugin_params": params, "results": summary, "targets": targets, "seconds": round(result.seconds, 1),
-        "alpha": {name: result.alpha(name) for name in plugins}, "offsets": result.offsets,
+        "alpha": {name: result.alpha(name) for name in plugins}, "offsets": result.offsets, "by_size": by_size,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
             return {**rows, "alpha": result.alpha(name)}
 
         print(json.dumps({**{name: figures(name) for name in plugins},
-                          "offsets": result.offsets.get("stable_sam"), "plugin_params": params}))
+                          "offsets": result.offsets.get("stable_sam"), "plugin_params": params,
+                          "by_size": by_size}))
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from stable_sam.build import resolve_device
-from stable_sam.modeling.sam_tiny import SAM_TINY_PATCH_SIZE, build_sam_tiny
+from stable_sam.modeling.sam_tiny import SAM_TINY_IMAGE_SIZE, SAM_TINY_PATCH_SIZE, build_sam_tiny
 from stable_sam.pretrain import PretrainConfig, pretrain_sam, refine_patch_grid
 
 
@@ -24,11 +24,14 @@ def main() -> None:
     for f in fields(PretrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--out", type=Path, default=Path("checkpoints/sam_tiny.pt"))
-    parser.add_argument("--init", type=Path, default=None, help="continue from these small-SAM weights")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from these small-SAM weights (adapted when --image-size differs)")
     parser.add_argument("--init-coarse", type=Path, default=None,
                         help="start from the weights of a small SAM with a coarser patch (progressive resizing)")
-    parser.add_argument("--patch-size", type=int, default=SAM_TINY_PATCH_SIZE,
-                        help=f"encoder patch in px (default {SAM_TINY_PATCH_SIZE}: the committed model's)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help=f"encoder patch in px (default: --init's, else {SAM_TINY_PATCH_SIZE})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"encoder input in px (default: --init's, else {SAM_TINY_IMAGE_SIZE})")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--data-workers", type=int, default=0,
@@ -40,7 +43,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-    sam = build_sam_tiny(args.init, patch_size=args.patch_size)
+    if args.init:
+        init = build_sam_tiny(args.init)
+        sam = build_sam_tiny(patch_size=args.patch_size or init.image_encoder.patch_embed.proj.kernel_size[0],
+                             image_size=args.image_size or init.image_encoder.img_size)
+        sam.load_state_dict(refine_patch_grid(init.state_dict(), sam))
+    else:
+        sam = build_sam_tiny(patch_size=args.patch_size, image_size=args.image_size)
     if args.init_coarse:
         sam.load_state_dict(refine_patch_grid(torch.load(args.init_coarse, map_location="cpu", weights_only=True), sam))
     sam = sam.to(resolve_device(args.device))

@@ -146,6 +146,21 @@ class BenchmarkResult:
     seconds: float
     config: ProtocolConfig
     offsets: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    areas: List[int] = field(default_factory=list)  # each object's mask area in pixels, in per_object's order
+
+    def by_size(self) -> Dict[str, Dict[str, Dict[str, Dict[str, float]]]]:
+        """model -> prompt type -> COCO size bucket (small < 32^2 px, medium < 96^2, large) ->
+        {"miou" in percent, "objects"}; a bucket without objects is left out."""
+        areas = np.asarray(self.areas)
+        buckets = {"small": areas < 32 ** 2, "medium": (areas >= 32 ** 2) & (areas < 96 ** 2), "large": areas >= 96 ** 2}
+        out: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {}
+        for model, types in self.per_object.items():
+            out[model] = {}
+            for t, m in types.items():
+                iou = np.asarray(m["iou"])
+                out[model][t] = {name: {"miou": round(100 * float(iou[sel].mean()), 2), "objects": int(sel.sum())}
+                                 for name, sel in buckets.items() if sel.any() and len(iou) == len(areas)}
+        return out
 
     def alpha(self, model: str) -> Optional[Dict[str, float]]:
         """Mean alpha_1 (the deformed path's weight) per prompt type; None for plain SAM."""
@@ -178,11 +193,13 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
                   for name in plugins}
     cases: List[Case] = []
     images = objects = 0
+    areas: List[int] = []
     meters = {name: OffsetMeter(p) for name, p in plugins.items() if p is not None}
     try:
         for sample, prompts_of in protocol_samples(dataset, cfg, "benchmark", progress):
             images += 1
             objects += len(sample.masks)
+            areas += [int(m.sum()) for m in sample.masks]
             embedding = model.embed(sample.image)
             for predictor in predictors.values():
                 predictor.set_embedding(embedding)
@@ -212,7 +229,7 @@ def evaluate(model: StableSam, dataset: SegmentationDataset, plugins: Mapping[st
         for meter in meters.values():
             meter.close()
     return BenchmarkResult(per_object, cases, images, objects, time.time() - start, cfg,
-                           {name: m.summary() for name, m in meters.items()})
+                           {name: m.summary() for name, m in meters.items()}, areas)
 
 
 def predict_protocol(predictor: StableSamPredictor, prompts: Sequence[Prompts], prompt_type: str,
@@ -244,6 +261,17 @@ def side_by_side_table(summary: Dict[str, Dict[str, Dict[str, float]]], base: st
         b = summary[ours][t]
         lines.append(f"| {TYPE_LABELS.get(t, t)} | {a['miou']:.1f} | {a['mbiou']:.1f} | {a['stability']:.1f} | "
                      f"{b['miou']:.1f} | {b['mbiou']:.1f} | {b['stability']:.1f} |")
+    return "\n".join(lines)
+
+
+def size_table(by_size: Dict[str, Dict[str, Dict[str, Dict[str, float]]]]) -> str:
+    """Markdown: mIoU per model and prompt type, by COCO object size (objects in brackets)."""
+    lines = ["| model | prompt | small | medium | large |", "|---|---|---|---|---|"]
+    for model, types in by_size.items():
+        for t, buckets in types.items():
+            cells = [f"{buckets[b]['miou']:.1f} ({buckets[b]['objects']})" if b in buckets else "-"
+                     for b in ("small", "medium", "large")]
+            lines.append(f"| {model} | {TYPE_LABELS.get(t, t)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from .checkpoint import atomic_torch_save
+from .data.dataset import Subset
+from .data.folder import FolderDataset
+from .data.photo_scenes import PhotoScenes
 from .data.synthetic import Scene
 from .data.synthetic_split import world_scenes
 from .losses import bce_dice_loss
@@ -58,11 +61,19 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 100
     eval_images: int = 48
-    world: str = "synthetic"  # "synthetic" (objects only) or "regions" (every region a target)
+    world: str = "synthetic"  # "synthetic" (objects only), "regions" (every region a target) or "photos"
     checkpoint_every: int = 25  # steps between resumable training states
     # SAM caps its box jitter at 20 px of a 1024-px input, so large objects get a nearly tight box;
     # 5 is that cap at the small SAM's 256 px (20 made the committed checkpoints).
     box_jitter_max_px: float = 20.0
+    # world "photos": comma-separated folder datasets; the last ``val_per_set`` photos of each are
+    # kept out of training and monitor it (so the held-out sets are never used to choose a recipe).
+    photos: str = ""
+    val_per_set: int = 30
+    zoom_min: float = 0.75  # large-scale jitter: zoom factor around the fit to the input size
+    zoom_max: float = 2.0
+    colour_jitter: float = 0.3
+    trainable: str = "all"  # "all" or "decoder" (the image encoder frozen)
 
 
 def image_to_tensor(sam: Sam, image: np.ndarray) -> torch.Tensor:
@@ -150,7 +161,7 @@ def quick_eval(sam: Sam, scenes: Sequence[Scene], n_images: int, seed: int = 0) 
     pe = sam.prompt_encoder.get_dense_pe()
     size = sam.image_encoder.img_size
     ious: Dict[str, List[float]] = {"gt_box": [], "noisy_box_0.4": [], "point1": []}
-    for idx in range(n_images):
+    for idx in range(min(n_images, len(scenes))):
         scene = scenes[idx]
         if not scene.masks:
             continue
@@ -216,12 +227,32 @@ def train_step(sam: Sam, opt: torch.optim.Optimizer, scenes: Sequence[Scene], cf
                rng: np.random.Generator) -> torch.Tensor:
     """One optimiser step on ``scenes``: encode, ``step_loss``, backward, clip, step. Returns the loss."""
     batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
-    loss = step_loss(sam, sam.image_encoder(batch), scenes, cfg, rng)
+    with torch.set_grad_enabled(cfg.trainable == "all"):
+        embeddings = sam.image_encoder(batch)
+    loss = step_loss(sam, embeddings, scenes, cfg, rng)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_([p for p in sam.parameters() if p.requires_grad], cfg.grad_clip)
     opt.step()
     return loss
+
+
+def training_scenes(cfg: PretrainConfig, size: int) -> Tuple[Sequence[Scene], Sequence[Scene]]:
+    """The training and monitoring scenes of ``cfg.world``: the synthetic generators, or the
+    photos of ``cfg.photos`` (augmented; their last ``cfg.val_per_set`` images each, plain, monitor)."""
+    if cfg.world != "photos":
+        return world_scenes(cfg.world, "train", offset=cfg.seed), world_scenes(cfg.world, "heldout")
+    folders = [f.strip() for f in cfg.photos.split(",") if f.strip()]
+    if not folders:
+        raise ValueError("world 'photos' needs --photos: comma-separated folder datasets")
+    train_sets, val_sets = [], []
+    for folder in folders:
+        ds = FolderDataset(Path(folder))
+        cut = max(0, len(ds) - cfg.val_per_set)
+        train_sets.append(Subset(ds, range(cut)))
+        val_sets.append(Subset(ds, range(cut, len(ds))))
+    train = PhotoScenes(train_sets, size, seed=cfg.seed, zoom=(cfg.zoom_min, cfg.zoom_max), colour=cfg.colour_jitter)
+    return train, PhotoScenes(val_sets, size, augment=False)
 
 
 def training_state_path(out_path: Path) -> Path:
@@ -240,19 +271,27 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path, log: Callable[[s
     loses at most ``checkpoint_every`` steps and ends where an uninterrupted run would."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    train = world_scenes(cfg.world, "train", offset=cfg.seed)
-    heldout = world_scenes(cfg.world, "heldout")
-    opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train, heldout = training_scenes(cfg, sam.image_encoder.img_size)
+    if cfg.trainable not in ("all", "decoder"):
+        raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+    sam.image_encoder.requires_grad_(cfg.trainable == "all")
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
     history: List[Dict[str, float]] = []
     first_step, running, minutes_before = 0, 0.0, 0.0
     state_path = training_state_path(out_path)
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        # A state from before a knob existed was trained with that knob's default.
-        if {**asdict(PretrainConfig()), **state["config"]} != asdict(cfg):
+        # A state from before a knob existed was trained with that knob's default. Only the run's
+        # length may change on resume (a CPU run cut to what time allows): the cosine then ends at
+        # the new last step.
+        saved = {**asdict(PretrainConfig()), **state["config"]}
+        if {**saved, "steps": cfg.steps} != asdict(cfg):
             raise ValueError(f"{state_path} was written by another config; remove it or pass the same "
                              f"arguments (saved: {state['config']})")
+        if saved["steps"] != cfg.steps:
+            log(f"the schedule now ends at step {cfg.steps} (it was {saved['steps']})")
         sam.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

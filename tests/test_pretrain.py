@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,117 @@ def test_a_state_saved_before_a_knob_existed_resumes(tmp_path):
     torch.save(state, state_path)
     with pytest.raises(ValueError, match="another config"):
         pretrain_sam(build_sam_tiny(), cfg, out, log=lambda _: None)
+
+
+PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def test_the_committed_photos_read_as_a_folder_set_of_parts_and_wholes():
+    from stable_sam.data.sources import open_dataset
+
+    ds = open_dataset(PHOTOS)
+    assert len(ds) == 3
+    for sample in ds:
+        assert len(sample.masks) >= 5 and all(m.shape == sample.image.shape[:2] for m in sample.masks)
+        whole = max(sample.masks, key=lambda m: m.sum())  # the person
+        parts = [m for m in sample.masks if m is not whole]
+        # garments lie (mostly) inside the person: masks of parts and wholes overlap by design
+        assert sum((m & whole).sum() > 0.5 * m.sum() for m in parts) >= len(parts) // 2
+
+
+def test_augmented_photo_scenes_are_seeded_by_index_and_keep_masks_on_their_pixels():
+    from stable_sam.data.dataset import Sample, SegmentationDataset
+    from stable_sam.data.photo_scenes import MIN_TARGET_AREA, PhotoScenes
+
+    class Painted(SegmentationDataset):  # objects painted in pure colours: a mask must stay on its colour
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            rng = np.random.default_rng(i)
+            image = np.zeros((300 + 50 * i, 420, 3), np.uint8)
+            masks = []
+            for k, colour in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255))):
+                m = np.zeros(image.shape[:2], bool)
+                y, x = rng.integers(0, 200), rng.integers(0, 300)
+                m[y:y + 90, x:x + 110] = True
+                m &= ~np.any(masks, axis=0) if masks else True
+                image[m] = colour
+                masks.append(m)
+            return Sample(image, masks, f"painted{i}")
+
+    scenes = PhotoScenes([Painted()], size=256, seed=3, colour=0.0)
+    again = PhotoScenes([Painted()], size=256, seed=3, colour=0.0)
+    seen_flip = set()
+    for index in range(12):
+        scene = scenes[index]
+        assert scene.image.tobytes() == again[index].image.tobytes()  # a pure function of the index
+        assert max(scene.image.shape[:2]) <= 256
+        for m in scene.masks:
+            assert m.shape == scene.image.shape[:2] and m.sum() >= MIN_TARGET_AREA
+            colour = np.median(scene.image[m], axis=0)
+            assert (colour >= 200).sum() == 1 and (colour <= 50).sum() == 2  # on one pure colour
+    # colour jitter changes pixels but not where the masks are
+    jittered = PhotoScenes([Painted()], size=256, seed=3, colour=0.3)
+    for index in range(4):
+        a, b = scenes[index], jittered[index]
+        assert [m.tobytes() for m in a.masks] == [m.tobytes() for m in b.masks]
+        assert a.image.tobytes() != b.image.tobytes()
+    # the validation view: every photo once, fitted to the input size
+    plain = PhotoScenes([Painted()], size=256, augment=False)
+    assert len(plain) == 2 and all(max(plain[i].image.shape[:2]) == 256 for i in range(2))
+    assert len(plain[0].masks) == 3
+
+
+def test_pretraining_on_photos_keeps_the_validation_photos_out(tmp_path):
+    from stable_sam.pretrain import training_scenes
+
+    cfg = replace(PretrainConfig(), world="photos", photos=str(PHOTOS), val_per_set=1)
+    train, val = training_scenes(cfg, 256)
+    assert len(val) == 1 and {train.photo_index(i) for i in range(30)} == {0, 1}
+    assert val[0].image.shape[:2] != (0, 0) and len(val[0].masks) >= 5
+    with pytest.raises(ValueError, match="--photos"):
+        training_scenes(replace(cfg, photos=""), 256)
+
+
+def test_a_photo_training_run_steps_and_saves_a_model_of_its_input_size(tmp_path):
+    from stable_sam.pretrain import pretrain_sam
+
+    cfg = replace(PretrainConfig(), world="photos", photos=str(PHOTOS), val_per_set=1, steps=2, batch_size=1,
+                  masks_per_image=2, iterations=2, eval_every=2, eval_images=1, trainable="decoder")
+    torch.manual_seed(0)
+    init = build_sam_tiny()
+    sam = build_sam_tiny(image_size=320)
+    sam.load_state_dict(refine_patch_grid(init.state_dict(), sam))
+    before = sam.image_encoder.patch_embed.proj.weight.clone()
+    summary = pretrain_sam(sam, cfg, tmp_path / "photo.pt", log=lambda _: None)
+    assert summary["history"][-1]["step"] == 2 and 0 <= summary["history"][-1]["gt_box"] <= 1
+    assert torch.equal(sam.image_encoder.patch_embed.proj.weight, before)  # decoder-only: encoder frozen
+    reloaded = build_sam_tiny(tmp_path / "photo.pt")  # input size read from the checkpoint
+    assert reloaded.image_encoder.img_size == 320 and reloaded.prompt_encoder.image_embedding_size == (40, 40)
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"the real photo sets are not at {REAL} (a user's own clone)")
+def test_the_real_photo_sets_open_with_many_masks_per_image():
+    from stable_sam.data.sources import open_dataset
+
+    for name, least in (("ccp-heldout", 200), ("camvid-val", 100)):
+        ds = open_dataset(REAL / name)
+        assert len(ds) >= least
+        sample = ds[0]
+        assert len(sample.masks) >= 3 and all(m.shape == sample.image.shape[:2] for m in sample.masks)
+
+
+def test_a_run_resumes_with_another_length_and_ends_its_schedule_there(tmp_path):
+    from stable_sam.pretrain import pretrain_sam
+
+    cfg = replace(PretrainConfig(), steps=1, batch_size=1, masks_per_image=1, iterations=1,
+                  eval_every=1000, eval_images=1, checkpoint_every=1)
+    torch.manual_seed(0)
+    out = tmp_path / "tiny.pt"
+    pretrain_sam(build_sam_tiny(), cfg, out, log=lambda _: None)
+    lines = []
+    summary = pretrain_sam(build_sam_tiny(), replace(cfg, steps=2), out, log=lines.append)
+    assert any("resumed" in line for line in lines) and any("now ends at step 2" in line for line in lines)
+    assert [h["step"] for h in summary["history"]] == [1, 2]

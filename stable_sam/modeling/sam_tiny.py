@@ -22,13 +22,25 @@ SAM_TINY_PATCH_SIZE = 8
 PROMPT_EMBED_DIM = 256
 
 
-def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None, patch_size: int = SAM_TINY_PATCH_SIZE) -> Sam:
+def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None, patch_size: Optional[int] = None,
+                   image_size: Optional[int] = None) -> Sam:
     """Assemble the small SAM; load ``checkpoint`` (a state dict, fp16 or fp32) when given.
-    A coarser ``patch_size`` than the committed model's is for the cheaper first stage of training."""
-    grid = SAM_TINY_IMAGE_SIZE // patch_size
+    ``patch_size`` and ``image_size`` default to the checkpoint's own (read from its patch kernel
+    and position table), else to 8 and 256. A coarser patch is for the cheaper first stage of
+    training; another input size is for training at that size (``pretrain.refine_patch_grid``
+    adapts the weights)."""
+    state = None
+    if checkpoint is not None:
+        state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+        saved_patch = state["image_encoder.patch_embed.proj.weight"].shape[-1]
+        patch_size = patch_size or saved_patch
+        image_size = image_size or state["image_encoder.pos_embed"].shape[1] * saved_patch
+    patch_size = patch_size or SAM_TINY_PATCH_SIZE
+    image_size = image_size or SAM_TINY_IMAGE_SIZE
+    grid = image_size // patch_size
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            img_size=SAM_TINY_IMAGE_SIZE,
+            img_size=image_size,
             patch_size=patch_size,
             embed_dim=128,
             depth=4,
@@ -46,7 +58,7 @@ def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None, patch_size: in
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
-            input_image_size=(SAM_TINY_IMAGE_SIZE, SAM_TINY_IMAGE_SIZE),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
@@ -60,7 +72,6 @@ def build_sam_tiny(checkpoint: Optional[Union[str, Path]] = None, patch_size: in
         pixel_std=[58.395, 57.12, 57.375],
     )
     sam.eval()
-    if checkpoint is not None:
-        state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    if state is not None:
         sam.load_state_dict({k: v.float() for k, v in state.items()})
     return sam
