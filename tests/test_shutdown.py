@@ -99,53 +99,68 @@ def _is_log_line(line: str) -> bool:
     return line.startswith("[20") or line[:4].isdigit() and line[4:5] == "-"
 
 
-def _check_clean_stop(proc: subprocess.Popen, what: str) -> str:
-    """Wait for the server's exit; its code must be 0 and its stderr log lines only, none of them an
-    error and none saying that a worker died of a signal or with an exit code."""
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, f"{what}: exit code {proc.returncode}\n{err[-3000:]}"
-    strays = [line for line in err.splitlines() if not _is_log_line(line)]
-    assert not strays, f"{what}: not a log line on stderr: {strays[:5]}\n{err[-3000:]}"
-    bad = [line for line in err.splitlines()
-           if any(word in line for word in (" ERROR ", "[ERROR]", "CRITICAL", "was sent SIG", "exited with code"))]
-    assert not bad, f"{what}: {bad[:5]}\n{err[-3000:]}"
-    return err
+class _Server:
+    """``python -m backend``, what ``make run`` starts (gunicorn, one worker), its stderr read as it
+    comes (so a test can wait for a line without a fixed sleep)."""
 
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        env = _env(HOST="127.0.0.1", PORT=str(self.port), WORKERS="1", THREADS="2", LOG_LEVEL="INFO",
+                   MODEL_DIR=str(tmp_path / "models"), LOCAL_FILES_DOCUMENT_ROOT=str(tmp_path))
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend"], cwd=ROOT, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
 
-def _serve(tmp_path: Path, port: int) -> subprocess.Popen:
-    """``python -m backend``, what ``make run`` starts (gunicorn, one worker)."""
-    env = _env(HOST="127.0.0.1", PORT=str(port), WORKERS="1", THREADS="2", LOG_LEVEL="INFO",
-               MODEL_DIR=str(tmp_path / "models"), LOCAL_FILES_DOCUMENT_ROOT=str(tmp_path))
-    return subprocess.Popen([sys.executable, "-m", "backend"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    def wait_for_line(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self.lines)):
+            assert self.proc.poll() is None and time.monotonic() < deadline, f"no {text!r}:\n{''.join(self.lines)}"
+            time.sleep(0.05)
+
+    def stop_cleanly(self, what: str) -> str:
+        """SIGTERM; the exit code must be 0 and stderr log lines only, none of them an error and none
+        saying that a worker died of a signal or with an exit code. Returns stderr."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        self._reader.join(30)
+        err = "".join(self.lines)
+        assert self.proc.returncode == 0, f"{what}: exit code {self.proc.returncode}\n{err[-3000:]}"
+        strays = [line for line in err.splitlines() if not _is_log_line(line)]
+        assert not strays, f"{what}: not a log line on stderr: {strays[:5]}\n{err[-3000:]}"
+        bad = [line for line in err.splitlines()
+               if any(word in line for word in (" ERROR ", "[ERROR]", "CRITICAL", "was sent SIG", "exited with code"))]
+        assert not bad, f"{what}: {bad[:5]}\n{err[-3000:]}"
+        return err
 
 
 def test_gunicorn_stops_cleanly_on_sigterm_at_start_and_while_a_task_is_encoded(tmp_path):
     _requests(tmp_path)
-    # one second after start (the worker may still be importing, or reading the model version)
-    proc = _serve(tmp_path, free_port())
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _check_clean_stop(proc, "SIGTERM 1 s after start")
+    # as soon as gunicorn listens (its signal handlers are set; earlier, SIGTERM's default action
+    # ends the starting interpreter, exit -15): the worker is still importing, or reading the model
+    # version from the checkpoint files
+    server = _Server(tmp_path)
+    server.wait_for_line("Listening at")
+    server.stop_cleanly("SIGTERM as gunicorn starts")
 
     # a task was just opened: the worker's prefetch is loading the model and encoding its image
-    port = free_port()
-    proc = _serve(tmp_path, port)
+    server = _Server(tmp_path)
+    url = f"http://127.0.0.1:{server.port}"
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the backend did not start"
+            assert server.proc.poll() is None and time.monotonic() < deadline, "the backend did not start"
             try:
-                requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                requests.get(f"{url}/health", timeout=2)
                 break
             except requests.RequestException:  # not listening yet, or the worker still booting
                 time.sleep(0.2)
-        r = requests.post(f"http://127.0.0.1:{port}/predict", data=(tmp_path / "open.json").read_bytes(),
+        r = requests.post(f"{url}/predict", data=(tmp_path / "open.json").read_bytes(),
                           headers={"Content-Type": "application/json"}, timeout=60)
         assert r.json() == {"results": [[]]}
     finally:
-        proc.send_signal(signal.SIGTERM)
-    err = _check_clean_stop(proc, "SIGTERM while a task is prefetched")
+        err = server.stop_cleanly("SIGTERM while a task is prefetched")
     # the worker's exit stopped and joined its prefetch thread (which never ends by itself)
     assert "stopping background threads: " in err and "prefetch" in err.split("stopping background threads: ")[1], \
         err[-3000:]
