@@ -245,7 +245,9 @@ def test_predictor_api_on_sam2(sam2_model, scenes):
 def test_predict_through_the_app_click_loose_box_two_boxes(sam2_model, scenes, tmp_path):
     sc = scenes[0]
     Image.fromarray(sc.image).save(tmp_path / "scene.png")
-    settings = BackendSettings(local_files_root=tmp_path, model_dir=tmp_path / "models", sam_model_type=TYPE)
+    # MASK_MIN_REGION_PX=0: the masks as the model made them, to compare with the bare predictor's
+    settings = BackendSettings(local_files_root=tmp_path, model_dir=tmp_path / "models", sam_model_type=TYPE,
+                               mask_min_region_px=0)
     client = create_app(backend=StableSamBackend(settings, model=sam2_model)).test_client()
     health = client.get("/health").get_json()
     assert health["model_loaded"] and health["model_version"] == sam2_model.version
