@@ -3,6 +3,7 @@
 #   make test  - unit tests, backend tests and the end-to-end test against a real Label Studio,
 #                which lives in its own venv (.venv-ls: it pins Django and its own SDK), and the
 #                browser test of the labeling screen (Debian's chromium, installed with apt-get)
+#   make test-fast - the unit tests only (no Label Studio, browser, servers, Ray or subprocesses)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ PORT ?= 9090
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-ls install-chromium demo bench
+.PHONY: run test test-fast install install-ls install-chromium demo bench
 
 # --no-build-isolation, SAM2_BUILD_CUDA=0: the sam2 source distribution (and hydra's antlr4, iopath)
 # are built with the venv's setuptools and torch, without sam2's optional CUDA extension.
@@ -56,3 +57,8 @@ bench: $(STAMP)
 # Chromium or Playwright.
 test: $(STAMP) $(LS_STAMP) $(CHROMIUM)
 	STABLE_SAM_E2E=require LABEL_STUDIO_BIN=$(CURDIR)/$(LS_VENV)/bin/label-studio $(PY) -m pytest -q tests
+
+# What to run while working: tests marked neither e2e (Label Studio, Chromium) nor slow (servers,
+# Ray, training jobs, CLI subprocesses); installs neither Label Studio nor Chromium. Not CI's target.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not slow" tests

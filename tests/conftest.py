@@ -13,6 +13,10 @@ from stable_sam.model import StableSam
 
 
 def pytest_configure(config) -> None:
+    # `make test-fast` runs -m "not e2e and not slow"; `make test` (CI) runs everything
+    config.addinivalue_line("markers", "e2e: needs a real Label Studio (and Chromium for the browser test)")
+    config.addinivalue_line("markers", "slow: starts servers, Ray, training jobs or CLI subprocesses, or "
+                                       "trains for seconds")
     # Everything the tests start from the environment (the CLI, the backend, training jobs, Ray
     # workers) serves what ``tiny_model`` is, the small SAM with the no-op plugin, so their masks
     # can be compared with it. test_backend checks the shipped default (the RTS plugin) itself.

@@ -386,6 +386,7 @@ def _wait(predicate, timeout=30.0):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow  # starts training jobs (subprocesses)
 def test_one_job_per_project_status_cancel_and_kill(tmp_path, monkeypatch):
     # cancel() SIGTERMs, then SIGKILLs after CANCEL_GRACE_S. With a grace (120 s) longer than the
     # job (60 s), returning within 60 s shows it returns when the job ends, never waiting out the
@@ -417,6 +418,7 @@ def test_one_job_per_project_status_cancel_and_kill(tmp_path, monkeypatch):
     assert _wait(lambda: quick.status(done["job_id"])["status"] == "done")
 
 
+@pytest.mark.slow  # starts training jobs (subprocesses)
 def test_every_n_annotations_start_a_job(tmp_path, tiny_model):
     settings = _settings(tmp_path, None, train_every_n=2)
     backend = StableSamBackend(settings, model=tiny_model)
@@ -433,6 +435,7 @@ def test_every_n_annotations_start_a_job(tmp_path, tiny_model):
     assert _wait(lambda: c.get(f"/train/status/{job}").get_json()["status"] == "done")
 
 
+@pytest.mark.slow  # starts training jobs (subprocesses)
 def test_start_training_webhook_runs_a_job_and_the_new_version_serves(tmp_path, media, tiny_model):
     """START_TRAINING -> 201 at once -> a real job (python -m backend.training, labels from an
     export instead of the live project) -> new version activated -> served without a restart."""
@@ -481,6 +484,7 @@ def test_start_training_webhook_runs_a_job_and_the_new_version_serves(tmp_path, 
     assert c.post("/setup", json={"project": "2.1"}).get_json()["model_version"] == before  # other projects unchanged
 
 
+@pytest.mark.slow  # starts training jobs (subprocesses)
 def test_a_job_without_usable_labels_fails_with_a_message(tmp_path, media):
     media_dir, _ = media
     export = tmp_path / "export.json"
@@ -494,6 +498,7 @@ def test_a_job_without_usable_labels_fails_with_a_message(tmp_path, media):
     assert jobs.running_job(8) is None
 
 
+@pytest.mark.slow  # runs the finetune CLI in a subprocess
 def test_finetune_cli_adapts_an_export_into_a_store(tmp_path, media):
     media_dir, scenes = media
     tasks = [{"id": i + 1, "data": {"image": f"/data/upload/1/s{i}.png"},
@@ -520,6 +525,7 @@ def test_finetune_cli_adapts_an_export_into_a_store(tmp_path, media):
     assert bad.returncode == 2 and "--store" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # starts training jobs (subprocesses)
 def test_old_job_files_are_pruned_to_the_newest_jobs(tmp_path, monkeypatch):
     """Status / log / cancel files of a project's jobs beyond the newest JOB_HISTORY go when a new
     job starts; other projects' files stay."""

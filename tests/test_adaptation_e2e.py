@@ -23,6 +23,8 @@ from ls_server import LEGACY_TOKEN, import_images, require_label_studio, start_b
 from stable_sam.checkpoint import load_plugin
 from stable_sam.settings import SAM_TINY_PLUGIN
 
+pytestmark = pytest.mark.e2e  # a real Label Studio (and Chromium): `make test`, not `make test-fast`
+
 AUTH = ("labelstudio", "e2e-adapt-secret")
 BOX_IOU = 0.8
 

@@ -18,6 +18,8 @@ from backend_helpers import (RECOMMENDED_CONFIG, centroid, drawn_scene, iou, key
                              result_mask)
 from ls_server import LEGACY_TOKEN, LS_BIN, start_backend, start_label_studio
 
+pytestmark = pytest.mark.e2e  # a real Label Studio (and Chromium): `make test`, not `make test-fast`
+
 # Quality floors for the small SAM on the drawn scenes, calibrated on the final checkpoint
 # (sam_tiny-c867453b268e): these prompts measure IoU 0.95-0.97 (keypoint, rectangle) and 0.98
 # (the batch rectangle).

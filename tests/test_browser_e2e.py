@@ -37,6 +37,8 @@ from PIL import Image
 from backend_helpers import MULTICLASS_CONFIG, RECOMMENDED_CONFIG, ROOT, centroid, drawn_scene, iou, result_mask
 from ls_server import LEGACY_TOKEN, LS_BIN, PASSWORD, USERNAME, import_images, start_backend, start_label_studio
 
+pytestmark = pytest.mark.e2e  # a real Label Studio (and Chromium): `make test`, not `make test-fast`
+
 CHROMIUM = Path(os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium"))
 # Headless, and nothing that reaches outside 127.0.0.1 (update checks, sync, QUIC probes).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -13,6 +13,8 @@ from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs scripts/device_report.py in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_report.py"
 PARTS = ("encoder", "decoder", "app_click", "preannotate", "rts", "train_small", "decoder_compiled")

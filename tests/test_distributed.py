@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow  # two gloo processes
 
 IMAGES = 5  # odd: the last step has an image for rank 0 only, rank 1 still joins the all-reduce
 

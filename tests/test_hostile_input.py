@@ -594,6 +594,7 @@ def _raw_http(url: str, request: bytes, timeout: float = 30.0) -> bytes:
             out += chunk
 
 
+@pytest.mark.slow  # a gunicorn server (the live fixture)
 def test_live_chunked_body_over_the_limit_is_413_and_gunicorn_errors_are_json(live):
     url, _ = live
     part = b'{"tasks": [' + b'"x", ' * 20000  # 100 KB per chunk, 25 chunks: over MAX_REQUEST_MB (2)
@@ -610,6 +611,7 @@ def test_live_chunked_body_over_the_limit_is_413_and_gunicorn_errors_are_json(li
         assert b"application/json" in head and json.loads(payload)["status"] == int(status)
 
 
+@pytest.mark.slow  # a gunicorn server (the live fixture)
 def test_live_slow_download_stops_at_the_deadline_and_health_answers(live, image_server, scene):
     url, _ = live
     images, _ = image_server
@@ -636,6 +638,7 @@ def test_live_slow_download_stops_at_the_deadline_and_health_answers(live, image
     assert requests.get(f"{url}/health", timeout=10).status_code == 200  # the workers are free again
 
 
+@pytest.mark.slow  # a gunicorn server (the live fixture)
 def test_live_work_for_a_client_that_left_stops(live, image_server, media_dir, scene):
     """1,000 tasks; the client leaves while task 1's image is being downloaded: the backend stops
     before task 2. Deterministic: the image server holds task 1's download until the client has

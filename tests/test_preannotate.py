@@ -194,6 +194,7 @@ def test_predict_objects_batches_mixed_shapes_like_single_calls(tiny_model, scen
         predictor.predict_objects([ObjectPrompt(box=(0, 0, sc.size[0] + 50, 10))])
 
 
+@pytest.mark.slow  # the automatic mask generator: seconds on CPU
 def test_automatic_masks_run_through_the_plugin_and_the_embedding_cache(tmp_path, tiny_model, scenes):
     sc = scenes[0]
     tiny_model.embed(sc.image)
@@ -251,6 +252,7 @@ def test_bad_images_and_prompts_are_reported_and_the_rest_is_done(tmp_path, tiny
             items_from_csv(tmp_path / "p.csv", tmp_path)
 
 
+@pytest.mark.slow  # runs the pre-annotation CLI in subprocesses
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "preannotate.py"), "offline", "--images",
                         str(tmp_path), "--coco", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o.json")],

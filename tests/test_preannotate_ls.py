@@ -26,6 +26,8 @@ from stable_sam.embedding_cache import EmbeddingCache
 from stable_sam.preannotation import AutoConfig
 from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module, restored after
 
+pytestmark = pytest.mark.e2e  # a real Label Studio (and Chromium): `make test`, not `make test-fast`
+
 BOX_IOU = 0.8  # the small SAM measures 0.91-0.95 on these rough rectangles (test_backend_e2e.py)
 
 

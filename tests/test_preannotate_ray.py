@@ -27,6 +27,8 @@ from stable_sam.preannotation.ray_job import (ACTOR_NAME, RayUnavailable, ShardP
 from test_preannotate import write_coco_input
 from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module (as each CPU worker: the reference is computed with the same thread count), restored after
 
+pytestmark = pytest.mark.slow  # a local Ray cluster and its worker processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "preannotate.py"
 FACTORY = functools.partial(build, "sam_tiny")  # what each Ray worker loads: the committed small SAM
@@ -213,8 +215,9 @@ def cli(*args: str, block_ray: bool = False) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
 
 
-def test_cli_single_machine_run_never_imports_ray_and_the_ray_run_finishes_it(cluster, job):
+def test_cli_single_machine_run_never_imports_ray_and_the_ray_run_finishes_it(cluster, job, monkeypatch):
     folder, work, ref = job
+    monkeypatch.setenv("MASK_MIN_REGION_PX", "0")  # as the reference run (run_offline's default: no clean-up)
     out = folder / "cli" / "masks.json"
     common = ["offline", "--images", str(folder), "--coco", str(folder / "input.json"), "--out", str(out),
               "--threads", "1", "--no-progress", "--json"]

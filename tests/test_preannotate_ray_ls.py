@@ -30,6 +30,8 @@ from stable_sam.preannotation.ray_job import start_workers, stop_workers
 from test_preannotate_ls import BOX_IOU, _ours as ours, ls  # noqa: F401 (ls: the module's Label Studio fixture)
 from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module, restored after
 
+pytestmark = pytest.mark.e2e  # a real Label Studio (and Chromium): `make test`, not `make test-fast`
+
 SCRIPT = ROOT / "scripts" / "preannotate.py"
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import List
 
+import pytest
 import requests
 
 from backend.metrics import Metrics
@@ -65,6 +66,7 @@ def _health_count(url: str) -> float:
     return m.get("requests_total", {}).get("route=/health,status=200", 0)
 
 
+@pytest.mark.slow  # starts gunicorn
 def test_gunicorn_workers_are_summed_and_the_temporary_directory_removed(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -88,6 +90,7 @@ def test_gunicorn_workers_are_summed_and_the_temporary_directory_removed(tmp_pat
     assert not made.exists()
 
 
+@pytest.mark.slow  # starts gunicorn
 def test_gunicorn_clears_stale_counts_in_a_given_directory(tmp_path):
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()

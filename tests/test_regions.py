@@ -115,6 +115,7 @@ def test_negative_clicks_score_only_spilling_masks(tiny_model):
     assert all(0 <= a < 1 and 0 <= b <= 1 for a, b in cases)  # a spilling mask's IoU is below 1
 
 
+@pytest.mark.slow  # runs scripts/failure_profile.py in a subprocess
 def test_failure_profile_script_json_contract(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "failure_profile.py"), "--images", "1", "--prompts", "2",
            "--threads", "1", "--no-progress", "--json"]

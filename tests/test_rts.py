@@ -61,6 +61,7 @@ def test_per_prompt_embeddings_decode_like_one_image_at_a_time(tiny_model, heldo
             torch.testing.assert_close(alpha[i:i + 1], a)
 
 
+@pytest.mark.slow  # trains for seconds
 def test_short_training_lowers_the_loss_and_touches_only_the_plugin(tiny_model):
     before = _sam_digest(tiny_model)
     init = StableSamPlugin()
@@ -124,6 +125,7 @@ def test_failed_training_leaves_the_previous_checkpoint(tiny_model, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["plugin.pt"]
 
 
+@pytest.mark.slow  # trains for seconds
 def test_protocol_runs_both_models_on_the_same_prompts(tiny_model, heldout):
     ds = SyntheticSplit(heldout.seed, start=0, count=2)
     noop = StableSamPlugin()            # untrained: an exact no-op, so it must score like SAM
@@ -183,6 +185,7 @@ def test_trainable_part_keeps_the_other_part_at_its_no_op_start(tiny_model):
         RTSConfig(trainable="decoder")
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 def test_benchmark_script_json_contract(tiny_model, tmp_path):
     plugin_path = tmp_path / "p.pt"
     finetune(tiny_model, _train_set(1), plugin_path, RTSConfig(probe_images=0), progress=False, log=lambda s: None)
@@ -211,6 +214,7 @@ def test_benchmark_script_json_contract(tiny_model, tmp_path):
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # trains for seconds
 def test_oracle_fine_tunes_sams_attention_and_puts_it_back(tiny_model):
     from stable_sam.oracle import attention_finetuned, attention_module, fit_plugin
 
@@ -227,6 +231,7 @@ def test_oracle_fine_tunes_sams_attention_and_puts_it_back(tiny_model):
     assert not plugin.training and plugin.dsp.offset.weight.abs().sum() > 0
 
 
+@pytest.mark.slow  # runs a script in a subprocess
 def test_oracle_script_trains_on_one_set_and_evaluates_on_another():
     cmd = [sys.executable, str(ROOT / "scripts" / "oracle.py"), "--images", "1", "--epochs", "1", "--prompts", "2",
            "--eval-dataset", "regions:heldout", "--eval-start", "1000", "--eval-images", "1", "--json"]

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from backend.prefetch import Prefetcher
@@ -83,6 +84,7 @@ def _env(**extra: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_THREADS": "1", **extra}
 
 
+@pytest.mark.slow  # subprocesses: the backend, and gunicorn twice
 def test_a_process_that_served_a_click_and_opened_a_task_exits_cleanly(tmp_path):
     _requests(tmp_path)
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
@@ -135,6 +137,7 @@ class _Server:
         return err
 
 
+@pytest.mark.slow  # subprocesses: the backend, and gunicorn twice
 def test_gunicorn_stops_cleanly_on_sigterm_at_start_and_while_a_task_is_encoded(tmp_path):
     _requests(tmp_path)
     # as soon as gunicorn listens (its signal handlers are set; earlier, SIGTERM's default action
