@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,18 @@ def test_synthetic_split_is_the_generator(tmp_path):
         open_dataset(tmp_path / "missing")
     with pytest.raises(IndexError):
         ds[2]
+
+
+def test_comma_separated_sets_open_one_after_another():
+    from stable_sam.data.sources import open_dataset
+
+    photos = Path(__file__).resolve().parents[1] / "examples" / "photos"
+    with pytest.raises(DatasetError, match="number of images"):  # generated scenes need a limit
+        open_dataset(f"{photos},synthetic:heldout")
+    both = open_dataset(f"{photos}, {photos}")
+    assert len(both) == 6 and both[4].name == both[1].name == "ccp_0803.jpg"
+    assert "+" in both.description
+    cut = open_dataset(f"{photos},{photos}", start=2, limit=2)
+    assert [cut[i].name for i in range(len(cut))] == ["ccp_0804.jpg", "ccp_0802.jpg"]
+    with pytest.raises(IndexError):
+        both[6]

@@ -195,7 +195,7 @@ def test_benchmark_script_json_contract(tiny_model, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     last = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(last) == {"sam", "stable_sam", "offsets", "plugin_params"}
+    assert set(last) == {"sam", "stable_sam", "offsets", "plugin_params", "by_size"}
     for model in ("sam", "stable_sam"):
         assert list(last[model]) == list(PROMPT_TYPES) + ["alpha"]
         assert all(set(last[model][t]) == {"miou", "mbiou", "stability"} for t in PROMPT_TYPES)
@@ -209,6 +209,14 @@ def test_benchmark_script_json_contract(tiny_model, tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"]["sam"] == {t: last["sam"][t] for t in PROMPT_TYPES}
     assert report["alpha"]["stable_sam"] == last["stable_sam"]["alpha"]
+    assert report["by_size"] == last["by_size"]
+    # COCO's size buckets: each present bucket's objects add up to the run's, per model and type
+    for model in ("sam", "stable_sam"):
+        for t in PROMPT_TYPES:
+            buckets = last["by_size"][model][t]
+            assert set(buckets) <= {"small", "medium", "large"} and buckets
+            assert sum(b["objects"] for b in buckets.values()) == report["objects"]
+            assert all(0 <= b["miou"] <= 100 for b in buckets.values())
     bad = subprocess.run(cmd[:2] + ["--plugin", str(tmp_path / "missing.pt")], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr

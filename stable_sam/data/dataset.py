@@ -90,6 +90,24 @@ def check_sample(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence
             raise DatasetError(f"{where}: mask {name} is empty")
 
 
+class Concat(SegmentationDataset):
+    """The samples of several datasets, one after another."""
+
+    def __init__(self, parts: Sequence[SegmentationDataset]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.description = " + ".join(p.description for p in self.parts)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][index - int(self.offsets[part])]
+
+
 class Subset(SegmentationDataset):
     """The samples of ``base`` at ``indices``."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .coco import CocoDataset
-from .dataset import DatasetError, SegmentationDataset, Subset
+from .dataset import Concat, DatasetError, SegmentationDataset, Subset
 from .folder import FolderDataset
 from .label_studio_export import LabelStudioExport
 from .synthetic_split import WORLDS, SyntheticSplit, parse_synthetic_seed
@@ -47,9 +47,17 @@ def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
       indices; ``limit`` is required, the generators are endless);
     - a folder: images with per-object mask PNGs (``FolderDataset``; ``masks_dir`` optional);
     - a ``.json`` file: COCO instances or a Label Studio export, told apart by content; image
-      paths resolve against ``image_root`` (default: the JSON file's folder).
+      paths resolve against ``image_root`` (default: the JSON file's folder);
+    - several of these separated by commas: their samples one after another.
     """
     text = str(spec)
+    if "," in text:  # several sets, one after another; start and limit count over all of them
+        parts = [open_dataset(part.strip(), image_root=image_root, masks_dir=masks_dir)
+                 for part in text.split(",") if part.strip()]
+        ds = Concat(parts)
+        if start or limit is not None:
+            ds = Subset(ds, range(start, min(len(ds), start + limit) if limit is not None else len(ds)))
+        return ds
     world, _, split = text.partition(":")
     if split and world in WORLDS:
         if limit is None:
