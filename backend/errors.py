@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stable_sam.echo import clip  # noqa: F401 - re-exported: every backend message echoes with it
+from stable_sam.short_repr import short_repr  # noqa: F401 - re-exported: every backend message echoes with it
 
 
 class BadInput(ValueError):

@@ -23,8 +23,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import BadInput, ImageTooLarge, ImageUnavailable, clip
-from .settings import BackendSettings
+from .errors import BadInput, ImageTooLarge, ImageUnavailable, short_repr
+from .server_settings import BackendSettings
 
 
 class AddressRefused(BadInput):
@@ -64,7 +64,7 @@ class AddressGuard:
             return None
         kind = ("a loopback" if ip.is_loopback else "a link-local" if ip.is_link_local
                 else "a private" if ip.is_private else "a non-public")
-        return (f"{clip(host, 60)} is at {ip}, {kind} address: refused by SSRF protection; allow it with "
+        return (f"{short_repr(host, 60)} is at {ip}, {kind} address: refused by SSRF protection; allow it with "
                 f"SSRF_ALLOWED_HOSTS={host if len(host) <= 60 else ip} (host names, IPs or CIDR networks, "
                 f"comma-separated) or turn the protection off with SSRF_PROTECTION=0")
 

@@ -1,4 +1,4 @@
-"""gunicorn settings, from backend/settings.py (HOST, PORT, WORKERS, THREADS, LOG_LEVEL, PRELOAD_MODEL).
+"""gunicorn settings, from backend/server_settings.py (HOST, PORT, WORKERS, THREADS, LOG_LEVEL, PRELOAD_MODEL).
 
 gthread workers: /health and /setup answer from another thread while a click is being decoded.
 Each worker process loads its own model, lazily; ``preload_app`` stays off on purpose.
@@ -16,7 +16,7 @@ import tempfile
 import gunicorn.util
 
 from backend import background
-from backend.settings import BackendSettings
+from backend.server_settings import BackendSettings
 
 _s = BackendSettings.from_env()
 
@@ -64,7 +64,7 @@ def on_starting(server):
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_DIR_PREFIX)
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    from backend.model import describe_serving  # imports prometheus_client: after the directory is set
+    from backend.ml_backend import describe_serving  # imports prometheus_client: after the directory is set
 
     server.log.info("Stable-SAM backend: serving %s", describe_serving(_s))
 

@@ -39,9 +39,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from stable_sam.checkpoint import TEMP_SUFFIX, atomic_write_json
 from stable_sam.plugin_store import project_scope
 
-from .errors import BadInput, clip
+from .errors import BadInput, short_repr
 from .job_files import LOCK_FD_ENV, job_status_path, utc_now
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class JobManager:
                 return {"project": project, "status": "none", "message": f"no training job has run for project {project}"}
         m = JOB_ID.match(job_id) if isinstance(job_id, str) else None
         if not m:
-            raise BadInput(f"{clip(job_id)} is not a training job id (project-<N>-<time>-<hex>)")
+            raise BadInput(f"{short_repr(job_id)} is not a training job id (project-<N>-<time>-<hex>)")
         project = int(m.group(1))
         with self._control(project):
             st = self._read(job_id)

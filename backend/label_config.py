@@ -16,7 +16,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from stable_sam.data.label_studio_prompts import (KEYPOINT_CONTROL_TAGS, PROMPT_CONTROL_TAGS, RECTANGLE_CONTROL_TAGS,
                                                   PromptGroup, Region)
 
-from .errors import BadInput, clip
+from .errors import BadInput, short_repr
 
 
 MASK_CONTROL_TAGS = ("PolygonLabels", "BrushLabels")  # what a mask is written as, preferred first
@@ -86,10 +86,10 @@ def output_label(group: PromptGroup, control: Any) -> str:
     if group.label is None and len(labels) == 1:
         return labels[0]
     if group.label is None:
-        raise BadInput(f"the prompt ({clip(', '.join(group.source_ids))}) has no label and {control.tag} control "
-                       f"'{control.name}' has several ({clip(labels, 300)}): use labelled keypoints / rectangles")
-    raise BadInput(f"label {clip(group.label)} of {clip(group.from_name)} is not a label of {control.tag} control "
-                   f"'{control.name}' ({clip(labels, 300)}): give both controls the same labels")
+        raise BadInput(f"the prompt ({short_repr(', '.join(group.source_ids))}) has no label and {control.tag} control "
+                       f"'{control.name}' has several ({short_repr(labels, 300)}): use labelled keypoints / rectangles")
+    raise BadInput(f"label {short_repr(group.label)} of {short_repr(group.from_name)} is not a label of {control.tag} control "
+                   f"'{control.name}' ({short_repr(labels, 300)}): give both controls the same labels")
 
 
 def check_regions(cfg: ParsedConfig, regions: Sequence[Region]) -> None:
@@ -97,20 +97,20 @@ def check_regions(cfg: ParsedConfig, regions: Sequence[Region]) -> None:
     that a brush or polygon control labels."""
     for r in regions:
         control = cfg.controls.get(r.from_name)
-        rid = clip(r.id, 40)
+        rid = short_repr(r.id, 40)
         if control is None:
-            raise BadInput(f"unknown from_name {clip(r.from_name)} (region {rid}): the label config's controls "
-                           f"are {clip(sorted(cfg.controls), 300)}")
+            raise BadInput(f"unknown from_name {short_repr(r.from_name)} (region {rid}): the label config's controls "
+                           f"are {short_repr(sorted(cfg.controls), 300)}")
         if control.tag not in PROMPT_CONTROL_TAGS:
-            raise BadInput(f"from_name {clip(r.from_name)} (region {rid}) is a <{control.tag}>, not a keypoint "
+            raise BadInput(f"from_name {short_repr(r.from_name)} (region {rid}) is a <{control.tag}>, not a keypoint "
                            f"or rectangle control")
         expected = KEYPOINT_CONTROL_TAGS if r.kind == "keypoint" else RECTANGLE_CONTROL_TAGS
         if control.tag not in expected:
-            raise BadInput(f"region {rid} is a {r.kind}, but its from_name {clip(r.from_name)} is a "
+            raise BadInput(f"region {rid} is a {r.kind}, but its from_name {short_repr(r.from_name)} is a "
                            f"<{control.tag}>: send it with a {' / '.join(expected)} control")
         if r.to_name not in control.to_name:
-            raise BadInput(f"to_name {clip(r.to_name)} (region {rid}) is not an object of control "
-                           f"{clip(r.from_name)} (it labels {clip(control.to_name, 300)})")
+            raise BadInput(f"to_name {short_repr(r.to_name)} (region {rid}) is not an object of control "
+                           f"{short_repr(r.from_name)} (it labels {short_repr(control.to_name, 300)})")
         if r.to_name not in cfg.output_by_image:
             raise BadInput(f"no <BrushLabels> or <PolygonLabels> control in the label config is paired with image "
-                           f"{clip(r.to_name)}")
+                           f"{short_repr(r.to_name)}")

@@ -36,9 +36,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stable_sam.embedding_cache import image_hash
 
-from .errors import BadInput, ImageTooLarge, ImageUnavailable, clip
+from .errors import BadInput, ImageTooLarge, ImageUnavailable, short_repr
 from .guarded_fetch import AddressGuard, Download, LimitedSession, short_url
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class ImageLoader:
         """The image for ``url`` and its content hash (``image_hash``, computed once per download:
         the model's embedding cache is keyed by it, so a repeated click is decoder-only)."""
         if not isinstance(url, str) or not url.strip():
-            raise BadInput(f"the task's image URL must be a non-empty string, got {clip(url)}")
+            raise BadInput(f"the task's image URL must be a non-empty string, got {short_repr(url)}")
         url = url.strip()
         if len(url) > MAX_URL_CHARS and not url.startswith("data:"):
             raise BadInput(f"image URL {short_url(url)} is {len(url)} characters long, over {MAX_URL_CHARS}")
@@ -207,7 +207,7 @@ class ImageLoader:
                 isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < 2**63):
             # it goes into Label Studio's presign URL (/tasks/<id>/presign/) and the cache key
             raise BadInput(f"image {short_url(url)} is a cloud-storage URI: the task id must be a Label Studio "
-                           f"task id (a whole number), got {clip(task_id, 40)}")
+                           f"task id (a whole number), got {short_repr(task_id, 40)}")
         hit = self.cached(url, task_id)
         if hit is not None:
             return hit
@@ -303,7 +303,7 @@ class ImageLoader:
                 raise download.timeout_error() from None
             raise ImageUnavailable(f"image {shown} is unreachable: {e.__class__.__name__}") from None
         except (FileNotFoundError, ValueError) as e:
-            raise BadInput(f"image {shown}: {clip(str(e), 200)}") from None
+            raise BadInput(f"image {shown}: {short_repr(str(e), 200)}") from None
         except OSError as e:  # the SDK reading a Local Storage path itself (a directory, say)
             raise ImageUnavailable(f"image {shown} cannot be read: {e.__class__.__name__}") from None
         finally:

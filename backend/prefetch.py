@@ -20,8 +20,8 @@ import threading
 from typing import Callable, Hashable, Optional, Set, Tuple
 
 from . import background
-from .errors import clip
-from .metrics import Metrics
+from .errors import short_repr
+from .prometheus_metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Prefetcher:
                 self._count("done")
             except Exception as e:  # a bad image is the click's problem to report, not ours
                 self._count("failed")
-                log.info("prefetch %s failed: %s: %s", clip(key, 200), e.__class__.__name__, clip(str(e), 300))
+                log.info("prefetch %s failed: %s: %s", short_repr(key, 200), e.__class__.__name__, short_repr(str(e), 300))
             finally:
                 with self._lock:
                     self._waiting.discard(key)

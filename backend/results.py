@@ -17,7 +17,7 @@ from stable_sam.masks import PolygonOptions, clean_mask, mask_polygons
 from stable_sam.model import UNTRAINED_PLUGIN
 from stable_sam.predictor import ObjectMask
 
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 
 POLYGON_DECIMALS = 4  # percent: 1e-4 % of a 100,000-pixel side is 0.1 pixel
 

@@ -40,7 +40,7 @@ from stable_sam.plugin_store import PluginStore, project_scope
 
 from .errors import BadInput
 from .job_files import LOCK_FD_ENV, job_status_path, utc_now
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 
 JOB_NICE = 10  # a job yields the CPU to the server's interactive clicks
 STATUS_EVERY_S = 1.0  # training-step updates of the status file, at most this often

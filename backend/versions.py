@@ -27,7 +27,7 @@ from . import background
 from .bounded_cache import BoundedCache
 from .errors import BadInput
 from .projects import project_id
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ PRELOAD_MODEL=1, in a background thread as the worker starts). Never run gunicor
 """
 
 from backend.logs import configure_logging
-from backend.settings import BackendSettings
+from backend.server_settings import BackendSettings
 
 settings = BackendSettings.from_env()
 configure_logging(settings.log_level)

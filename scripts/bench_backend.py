@@ -24,10 +24,10 @@ from pathlib import Path
 from PIL import Image
 
 from backend.app import create_app
-from backend.model import StableSamBackend
-from backend.settings import BackendSettings
-from backend.regions import click_session, predict_regions, recommended_config
-from stable_sam.data.drawn import drawn_scene
+from backend.ml_backend import StableSamBackend
+from backend.server_settings import BackendSettings
+from backend.testing.drawn_scene import drawn_scene
+from backend.testing.label_studio_regions import click_session, predict_regions, recommended_config
 from stable_sam.build import build_from_settings
 from stable_sam.predictor import StableSamPredictor
 

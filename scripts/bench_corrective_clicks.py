@@ -34,9 +34,9 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from backend.model import StableSamBackend
-from backend.regions import keypoint, recommended_config
-from backend.settings import BackendSettings
+from backend.ml_backend import StableSamBackend
+from backend.testing.label_studio_regions import keypoint, recommended_config
+from backend.server_settings import BackendSettings
 from stable_sam.build import build_from_settings
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.metrics import mask_iou

@@ -28,7 +28,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from stable_sam.benchmarking import compare_decoders, live_plugin, random_embedding, time_encoder
+from stable_sam.timing import compare_decoders, live_plugin, random_embedding, time_encoder
 from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device
 from stable_sam.embedding_cache import features_nbytes
 from stable_sam.model import StableSam

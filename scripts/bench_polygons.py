@@ -31,7 +31,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from backend.settings import BackendSettings
+from backend.server_settings import BackendSettings
 from stable_sam.build import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError

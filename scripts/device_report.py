@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stable_sam.benchmarking import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
+from stable_sam.timing import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
                                      random_embedding, random_model, sync, time_encoder, time_job, time_plugin_parts,
                                      time_pretrain_steps)
@@ -296,9 +296,9 @@ def part_decoder_compiled(p: Part) -> None:
 
 def part_app_click(p: Part) -> None:
     from backend.app import create_app
-    from backend.model import StableSamBackend
-    from backend.regions import click_session, predict_payload, predict_regions, recommended_config
-    from backend.settings import BackendSettings
+    from backend.ml_backend import StableSamBackend
+    from backend.testing.label_studio_regions import click_session, predict_payload, predict_regions, recommended_config
+    from backend.server_settings import BackendSettings
 
     dev = p.device
     sz = p.sizes

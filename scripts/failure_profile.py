@@ -28,7 +28,7 @@ from stable_sam.data.sources import is_generated, open_dataset
 from stable_sam.data.synthetic_split import SyntheticSplit
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig
-from stable_sam.failure_profile import failure_profile, profile_table
+from stable_sam.mask_errors import failure_profile, profile_table
 from stable_sam.world_oracle import region_fit_oracle
 
 DEFAULT_DATASET = "regions:heldout"

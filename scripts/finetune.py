@@ -141,7 +141,7 @@ def live_project_dataset(args: argparse.Namespace) -> SegmentationDataset:
     """A live project's labels, read as the backend's training job reads them (the server layer
     talks to Label Studio; an export needs only the library)."""
     from backend.errors import BadInput
-    from backend.settings import BackendSettings
+    from backend.server_settings import BackendSettings
     from backend.training import project_dataset
 
     settings = BackendSettings(label_studio_url=args.label_studio_url.rstrip("/"),

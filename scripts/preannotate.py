@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from backend.errors import BadInput
-from backend.settings import BackendSettings, SettingsError
+from backend.server_settings import BackendSettings, SettingsError
 from stable_sam.build import MODEL_TYPES, build_from_settings
 from stable_sam.data.dataset import DatasetError
 from stable_sam.download import CheckpointError
@@ -152,8 +152,8 @@ def _on_ray_options(args) -> dict:
 
 def cmd_label_studio(args) -> int:
     from backend.label_studio import connect
-    from backend.model import StableSamBackend
-    from backend.preannotate import run_label_studio
+    from backend.ml_backend import StableSamBackend
+    from backend.project_preannotation import run_label_studio
 
     if args.workers is not None and not args.ray_address:
         raise InputError("--workers needs --ray-address (without it the job runs in this process)")
@@ -192,7 +192,7 @@ def _label_studio_report(args, summary, where: str = "") -> int:
 def _label_studio_on_ray(args, client, settings: BackendSettings) -> int:
     """The Label Studio job on the Ray cluster at --ray-address; Ray is imported only here. The
     workers upload the predictions themselves: the Label Studio URL and key go to them."""
-    from backend.preannotate_ray import run_label_studio_ray
+    from backend.project_preannotation_ray import run_label_studio_ray
     from stable_sam.preannotation.ray_job import connect
 
     connect_s = connect(args.ray_address)

@@ -3,7 +3,7 @@
 Starts its own gunicorn backend on 127.0.0.1 (a free port, the small SAM, a temporary local-files
 root with drawn images), or uses ``--url`` (loopback addresses only). Some hostile bodies name private
 and link-local image addresses (10.0.0.1, 169.254.169.254) that the backend's SSRF guard must refuse:
-this script and the backend it starts run under ``backend/loopback_guard.py``, so that if the SSRF
+this script and the backend it starts run under ``backend/testing/loopback_guard.py``, so that if the SSRF
 guard regressed the connection fails (and counts as an error) instead of leaving the machine; a
 ``--url`` backend is not guarded by this script. Every valid body is first
 sent once from one thread; then the threads send valid and hostile bodies in a seeded random mix.
@@ -41,8 +41,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-from backend.regions import centroid, keypoint, loosen, recommended_config, rectangle
-from stable_sam.data.drawn import drawn_scene
+from backend.testing.drawn_scene import drawn_scene
+from backend.testing.label_studio_regions import centroid, keypoint, loosen, recommended_config, rectangle
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOMMENDED_CONFIG = recommended_config()
@@ -225,8 +225,8 @@ def main() -> None:
         raise SystemExit(f"bounds: 1..{MAX_THREADS} threads, 1..{MAX_REQUESTS} requests each, "
                          f"time limit up to {MAX_SECONDS} s")
 
-    from backend import loopback_guard
-    from backend.local_server import start_backend  # gunicorn on 127.0.0.1, a free port
+    from backend.testing import loopback_guard
+    from backend.testing.local_server import start_backend  # gunicorn on 127.0.0.1, a free port
 
     loopback_guard.install()  # this process only talks to the backend on loopback
 
@@ -320,7 +320,7 @@ def main() -> None:
     # connections the guard refused, here and in the backend (its log): each an SSRF guard regression
     outside = len(loopback_guard.refused) + (proc.log_tail(10**8).count("loopback_guard: refused") if proc else 0)
     if outside:
-        errors_by_class["connection outside loopback"]["refused by backend/loopback_guard.py"] += outside
+        errors_by_class["connection outside loopback"]["refused by backend/testing/loopback_guard.py"] += outside
     errors = sum(sum(c.values()) for c in errors_by_class.values())
     out = {
         "requests": len(latencies), "planned": args.threads * args.requests, "threads": args.threads,

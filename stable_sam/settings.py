@@ -1,6 +1,6 @@
 """Model-side configuration from the environment, read in one place.
 
-The backend's settings (``backend/settings.py``) extend these with the Label Studio ones;
+The backend's settings (``backend/server_settings.py``) extend these with the Label Studio ones;
 ``docs/configuration.md`` lists them all (a test checks it against both modules).
 """
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
-from backend.regions import centroid, keypoint, loosen, rectangle  # noqa: F401 - re-exported
-from stable_sam.data.drawn import DrawnScene, drawn_scene  # noqa: F401 - re-exported
+from backend.testing.drawn_scene import DrawnScene, drawn_scene  # noqa: F401 - re-exported
+from backend.testing.label_studio_regions import centroid, keypoint, loosen, rectangle  # noqa: F401 - re-exported
 from stable_sam.metrics import mask_iou
 
 ROOT = Path(__file__).resolve().parents[1]

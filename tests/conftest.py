@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from backend import loopback_guard
+from backend.testing import loopback_guard
 from stable_sam.build import build
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.model import StableSam

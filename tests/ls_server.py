@@ -19,8 +19,8 @@ from typing import Dict, List
 
 import requests
 
-from backend.local_server import Process, free_port, start_backend  # noqa: F401 - re-exported
-from backend.local_server import answering as _answering
+from backend.testing.local_server import Process, free_port, start_backend  # noqa: F401 - re-exported
+from backend.testing.local_server import answering as _answering
 
 ROOT = Path(__file__).resolve().parents[1]
 LS_VERSION = "1.23.2"

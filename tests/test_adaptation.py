@@ -23,9 +23,9 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.jobs import JobManager
-from backend.model import StableSamBackend
+from backend.ml_backend import StableSamBackend
 from backend.projects import project_id
-from backend.settings import BackendSettings, SettingsError
+from backend.server_settings import BackendSettings, SettingsError
 from backend_helpers import (RECOMMENDED_CONFIG, brush_result, centroid, drawn_scene, iou, keypoint, loosen, rectangle,
                              result_mask)
 from stable_sam.adaptation import AdaptationConfig, AdaptationError, adapt, holdout_split

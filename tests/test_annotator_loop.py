@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from backend.model import StableSamBackend
+from backend.ml_backend import StableSamBackend
 from backend.prefetch import Prefetcher
 from backend.previous_masks import PreviousMasks, prompt_key
-from backend.settings import BackendSettings
+from backend.server_settings import BackendSettings
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, result_mask
 from stable_sam.build import build
 

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from backend.model import StableSamBackend
-from backend.settings import BackendSettings, SettingsError
+from backend.ml_backend import StableSamBackend
+from backend.server_settings import BackendSettings, SettingsError
 from backend_helpers import (MULTICLASS_CONFIG, RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen,
                              rectangle, result_mask)
 

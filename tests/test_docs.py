@@ -18,12 +18,12 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from backend import settings as backend_settings
+from backend import server_settings as backend_settings
 from stable_sam import settings as model_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
-SETTINGS_MODULES = [ROOT / "stable_sam" / "settings.py", ROOT / "backend" / "settings.py"]
+SETTINGS_MODULES = [ROOT / "stable_sam" / "settings.py", ROOT / "backend" / "server_settings.py"]
 ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*_[A-Z0-9_]+|[A-Z]{3,}")
 # Defaults the table states in words, because no literal says them; each is checked by a test below.
 PROSE_DEFAULTS = {"PLUGIN_CHECKPOINT": "the shipped plugin"}

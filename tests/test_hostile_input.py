@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from PIL import Image
 
 from backend.app import create_app
-from backend.errors import clip
-from backend.model import StableSamBackend
+from backend.errors import short_repr
+from backend.ml_backend import StableSamBackend
 from backend.projects import project_id
-from backend.settings import BackendSettings
+from backend.server_settings import BackendSettings
 from backend_helpers import (MULTICLASS_CONFIG, RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen,
                              rectangle, result_mask)
 from ls_server import free_port, start_backend
@@ -449,7 +449,7 @@ def test_ssrf_guard_refuses_non_public_addresses_before_connecting(settings, tin
 
 
 def test_settings_for_limits_and_ssrf_from_env(monkeypatch):
-    from backend.settings import SettingsError
+    from backend.server_settings import SettingsError
 
     monkeypatch.setenv("SSRF_ALLOWED_HOSTS", " minio , 10.0.0.0/8,192.168.1.5 ")
     monkeypatch.setenv("MAX_REGIONS_PER_CONTEXT", "7")
@@ -464,9 +464,9 @@ def test_settings_for_limits_and_ssrf_from_env(monkeypatch):
 
 
 def test_clip():
-    assert clip("abc") == "'abc'"
-    assert len(clip("x" * 10**6)) < 140 and "1000002 characters" in clip("x" * 10**6)
-    assert clip([[[]]]) == "<list of 1>" and clip(10**5000).endswith("-bit integer>")
+    assert short_repr("abc") == "'abc'"
+    assert len(short_repr("x" * 10**6)) < 140 and "1000002 characters" in short_repr("x" * 10**6)
+    assert short_repr([[[]]]) == "<list of 1>" and short_repr(10**5000).endswith("-bit integer>")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,18 @@
 """One-way layers: ``scripts -> backend -> stable_sam``, read from the source (ast, nothing imported).
+Beside them, outside the product: ``training/`` (how the shipped small SAM is trained) and
+``research/`` (synthetic worlds, oracles), which may import the library and nothing above it.
 
 - no import cycles among stable_sam's modules, nor among backend's (imports inside functions count
   too: a lazy import that closes a cycle is still a cycle);
 - stable_sam never imports backend, scripts (``stable_sam_cli``) or tests;
 - backend never imports scripts or tests; a script never imports tests or another script;
-- scripts/finetune.py adapts an export with the library alone (the backend only reads a live project).
+- scripts/finetune.py adapts an export with the library alone (the backend only reads a live project);
+- the test support (``backend.testing``: drawn scenes, Label Studio regions, a local server, the
+  loopback guard) is never imported by the product (stable_sam, backend); the scripts and tests may;
+- the product (stable_sam, backend, the scripts) never imports training/ or research/, and neither
+  is installed (pyproject.toml) or copied into the Docker image (.dockerignore, Dockerfile);
+- no module name is used twice across the packages (``backend.model`` beside ``stable_sam.model``
+  reads as one thing).
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"stable_sam": ROOT / "stable_sam", "backend": ROOT / "backend", "stable_sam_cli": ROOT / "scripts"}
+PACKAGES = {"stable_sam": ROOT / "stable_sam", "backend": ROOT / "backend", "stable_sam_cli": ROOT / "scripts",
+            "training": ROOT / "training", "research": ROOT / "research"}
+PRODUCT = ("stable_sam", "backend", "stable_sam_cli")
+OUTSIDE = ("training", "research")
 
 
 def module_name(package: str, path: Path) -> str:
@@ -119,9 +130,11 @@ def test_no_import_cycles_in_backend():
 
 
 def test_layers_point_one_way():
-    forbidden = {"stable_sam": {"backend", "stable_sam_cli", "scripts", "tests"},
-                 "backend": {"stable_sam_cli", "scripts", "tests"},
-                 "stable_sam_cli": {"scripts", "tests", "backend_helpers", "ls_server", "conftest"}}
+    forbidden = {"stable_sam": {"backend", "stable_sam_cli", "scripts", "tests", *OUTSIDE},
+                 "backend": {"stable_sam_cli", "scripts", "tests", *OUTSIDE},
+                 "stable_sam_cli": {"scripts", "tests", "backend_helpers", "ls_server", "conftest", *OUTSIDE},
+                 "training": {"backend", "stable_sam_cli", "scripts", "tests", "research"},
+                 "research": {"backend", "stable_sam_cli", "scripts", "tests"}}
     script_names = {p.stem for p in PACKAGES["stable_sam_cli"].glob("*.py")}  # `import bench_x` from scripts/
     wrong = []
     for name, targets in graph().items():
@@ -134,12 +147,52 @@ def test_layers_point_one_way():
     assert wrong == []
 
 
+TESTING = "backend.testing"
+
+
+def is_testing(name: str) -> bool:
+    return name == TESTING or name.startswith(TESTING + ".")
+
+
+def test_the_product_never_imports_the_test_support():
+    wrong = [f"{name} -> {target}" for name, targets in graph().items()
+             if layer(name) in ("stable_sam", "backend") and not is_testing(name)
+             for target in targets if is_testing(target)]
+    assert wrong == []
+
+
+def test_training_and_research_are_not_the_product():
+    """Neither installed by pyproject.toml nor copied into the Docker image (a product import of
+    them is refused by ``test_layers_point_one_way``)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    installed = project["tool"]["setuptools"]["packages"]
+    assert not [p for p in installed if p.split(".")[0] in OUTSIDE]
+    assert not [s for s in project["project"]["scripts"].values() if s.split(".")[0] in OUTSIDE]
+    ignored = {line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    copied = [line.split()[1].strip("/") for line in (ROOT / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")]
+    for folder in OUTSIDE:
+        assert folder in ignored and folder not in copied
+        assert not (ROOT / folder).exists() or (ROOT / folder / "README.md").is_file(), f"{folder}/ has no README.md"
+
+
+def test_no_module_name_is_used_twice():
+    by_name: Dict[str, List[str]] = {}
+    for name, path in modules().items():
+        if path.stem not in ("__init__", "__main__"):
+            by_name.setdefault(path.stem, []).append(name)
+    assert {stem: names for stem, names in by_name.items() if len(names) > 1} == {}
+
+
 def test_the_check_sees_imports():
     """The graph is not empty by mistake: known edges, a lazy import and a relative one are there."""
     g = graph()
     assert "stable_sam.model" in g["stable_sam.predictor"]
     assert "backend.training" in g["stable_sam_cli.finetune"]  # imported inside a function
     assert "stable_sam.data.dataset" in g["stable_sam.data.coco"]
+    assert "backend.testing.local_server" in g["stable_sam_cli.soak"]
     assert cycles({"a.x": {"a.y"}, "a.y": {"a.x"}, "a": set()}, "a") == [["a.x", "a.y"]]
 
 

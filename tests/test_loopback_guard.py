@@ -1,4 +1,4 @@
-"""The tests' network guard (backend/loopback_guard.py, installed by conftest.py for every test):
+"""The tests' network guard (backend/testing/loopback_guard.py, installed by conftest.py for every test):
 a connection outside 127.0.0.0/8 and ::1 is refused before any packet leaves, and recorded so that
 the test fails even when the code under test turns the error into an answer."""
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend import loopback_guard
+from backend.testing import loopback_guard
 from backend.app import create_app
 from backend.guarded_fetch import AddressGuard
-from backend.model import StableSamBackend
-from backend.settings import BackendSettings
+from backend.ml_backend import StableSamBackend
+from backend.server_settings import BackendSettings
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, keypoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +95,8 @@ def test_an_ssrf_guard_regression_sends_nothing_and_is_caught(tmp_path, tiny_mod
 
 
 def test_the_guard_can_wrap_a_subprocess():
-    """``python -m backend.loopback_guard -m MODULE``: how the soak script starts its backend."""
+    """``python -m backend.testing.loopback_guard -m MODULE``: how the soak script starts its backend."""
     code = "import socket; socket.create_connection(('10.0.0.1', 80), timeout=5)"
-    run = subprocess.run([sys.executable, "-m", "backend.loopback_guard", "-m", "timeit", "-n", "1", code],
+    run = subprocess.run([sys.executable, "-m", "backend.testing.loopback_guard", "-m", "timeit", "-n", "1", code],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "OutsideLoopback" in run.stderr and "refused a connection to 10.0.0.1:80" in run.stderr

@@ -16,9 +16,9 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.label_config import parse_label_config
-from backend.model import StableSamBackend
+from backend.ml_backend import StableSamBackend
 from backend.results import mask_results
-from backend.settings import BackendSettings, SettingsError
+from backend.server_settings import BackendSettings, SettingsError
 from backend_helpers import RECOMMENDED_CONFIG, ROOT, centroid, drawn_scene, iou, keypoint, loosen, rectangle, result_mask
 from stable_sam.data.label_studio_prompts import PromptGroup
 from stable_sam.masks import PolygonOptions, clean_mask, mask_polygons, polygons_mask

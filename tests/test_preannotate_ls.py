@@ -18,9 +18,9 @@ import requests
 
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen, rectangle, result_mask
 from backend.label_studio import LabelStudioUnavailable, connect
-from backend.model import StableSamBackend
-from backend.preannotate import run_label_studio
-from backend.settings import BackendSettings
+from backend.ml_backend import StableSamBackend
+from backend.project_preannotation import run_label_studio
+from backend.server_settings import BackendSettings
 from ls_server import LEGACY_TOKEN, ROOT, free_port, import_images, require_label_studio, start_label_studio
 from stable_sam.embedding_cache import EmbeddingCache
 from stable_sam.preannotation import AutoConfig

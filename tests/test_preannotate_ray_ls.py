@@ -21,10 +21,10 @@ import requests
 
 from backend_helpers import RECOMMENDED_CONFIG, DrawnScene, drawn_scene, iou, loosen, rectangle, result_mask
 from backend.label_studio import LabelStudioUnavailable, connect
-from backend.model import StableSamBackend
-from backend.preannotate import list_tasks, run_label_studio
-from backend.preannotate_ray import LabelStudioShardWorker, run_label_studio_ray, worker_settings
-from backend.settings import BackendSettings
+from backend.ml_backend import StableSamBackend
+from backend.project_preannotation import list_tasks, run_label_studio
+from backend.project_preannotation_ray import LabelStudioShardWorker, run_label_studio_ray, worker_settings
+from backend.server_settings import BackendSettings
 from ls_server import LEGACY_TOKEN, ROOT, free_port, import_images
 from stable_sam.preannotation.ray_job import start_workers, stop_workers
 from test_preannotate_ls import BOX_IOU, _ours as ours, ls  # noqa: F401 (ls: the module's Label Studio fixture)

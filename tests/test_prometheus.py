@@ -15,7 +15,7 @@ from typing import List
 import pytest
 import requests
 
-from backend.metrics import Metrics
+from backend.prometheus_metrics import Metrics
 from ls_server import start_backend
 
 
@@ -94,7 +94,7 @@ def test_gunicorn_workers_are_summed_and_the_temporary_directory_removed(tmp_pat
 def test_gunicorn_clears_stale_counts_in_a_given_directory(tmp_path):
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()
-    count = ("from backend.metrics import Metrics\n"
+    count = ("from backend.prometheus_metrics import Metrics\n"
              "m = Metrics()\n"
              "m.count('requests_total', 100, route='/health', status=200)\n")
     subprocess.run([sys.executable, "-c", count], check=True, timeout=120,

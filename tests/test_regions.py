@@ -14,7 +14,7 @@ from stable_sam.data.sources import open_dataset
 from stable_sam.data.regions import (ALL_FAMILIES, CONTAINER, GROUP, OBJECT, PART, STUFF, TRAIN_FAMILIES, UNSEEN_FAMILIES,
                                      RegionScenes, draw_family)
 from stable_sam.data.synthetic_split import world_scenes
-from stable_sam.failure_profile import band_around, error_pixels, negative_click_point, negative_clicks, outside_box_share
+from stable_sam.mask_errors import band_around, error_pixels, negative_click_point, negative_clicks, outside_box_share
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,12 +22,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from backend.app import create_app
-from backend.model import StableSamBackend
-from backend.regions import predict_payload, predict_regions
-from backend.settings import BackendSettings
+from backend.ml_backend import StableSamBackend
+from backend.testing.label_studio_regions import predict_payload, predict_regions
+from backend.server_settings import BackendSettings
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen, rectangle, result_mask
 from stable_sam import download
-from stable_sam.benchmarking import InMemoryDataset, live_plugin
+from stable_sam.timing import InMemoryDataset, live_plugin
 from stable_sam.build import build, build_sam, model_identity
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import Sample

@@ -41,7 +41,7 @@ def alive_at_exit():  # registered before the backend exists, so atexit runs it 
 atexit.register(alive_at_exit)
 
 from backend.app import create_app
-from backend.settings import BackendSettings
+from backend.server_settings import BackendSettings
 
 root = Path(sys.argv[1])
 client = create_app(BackendSettings(local_files_root=root, model_dir=root / "models")).test_client()

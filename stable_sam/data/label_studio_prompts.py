@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..echo import clip
+from ..short_repr import short_repr
 from ..prompts import ObjectPrompt, box_iou, mask_to_box
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,13 @@ class PromptGroup:
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or value is None:
-        raise RegionError(f"{what} must be a number, got {clip(value)}")
+        raise RegionError(f"{what} must be a number, got {short_repr(value)}")
     try:
         out = float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
-        raise RegionError(f"{what} must be a number (a finite float), got {clip(value)}") from None
+        raise RegionError(f"{what} must be a number (a finite float), got {short_repr(value)}") from None
     if not math.isfinite(out):
-        raise RegionError(f"{what} is {clip(value)}: coordinates must be finite numbers in 0..100 (percent)")
+        raise RegionError(f"{what} is {short_repr(value)}: coordinates must be finite numbers in 0..100 (percent)")
     return out
 
 
@@ -126,7 +126,7 @@ def _size(value: Any, what: str) -> Optional[int]:
         return None
     out = _number(value, what)
     if out < 1 or out != int(out) or out > MAX_IMAGE_SIDE:
-        raise RegionError(f"{what} = {clip(value)} must be a whole number of pixels in 1..{MAX_IMAGE_SIDE}")
+        raise RegionError(f"{what} = {short_repr(value)} must be a whole number of pixels in 1..{MAX_IMAGE_SIDE}")
     return int(out)
 
 
@@ -261,7 +261,7 @@ def result_regions(task: Dict[str, Any], sources: Sequence[str] = PROMPT_SOURCES
             result = item.get("result")
             if isinstance(result, list) and any(isinstance(r, dict) and str(r.get("type", "")).lower()
                                                 in PROMPT_TYPES for r in result):
-                return result, f"{kind[:-1]} {clip(item.get('id', '?'), 40)}"
+                return result, f"{kind[:-1]} {short_repr(item.get('id', '?'), 40)}"
     return [], f"the task has no keypoint or rectangle in its {' or '.join(sources)}"
 
 

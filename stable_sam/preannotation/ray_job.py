@@ -22,7 +22,7 @@ cluster, ``ActorPoolStrategy(size=2)`` never made progress); the resume and exac
 also need the driver to see whole shards, which plain actors give directly. Reading stays
 pipelined ahead of the encoder inside each actor, by the same stages the single-machine job uses.
 
-The Label Studio mode on Ray (``backend.preannotate_ray``) uses the same pieces: ``start_workers``,
+The Label Studio mode on Ray (``backend.project_preannotation_ray``) uses the same pieces: ``start_workers``,
 ``ShardPool``, ``RayStats``.
 
 Ray is imported only here, and only when a function of this module runs: the single-machine path

@@ -14,7 +14,7 @@ per prompt shape and builds the brush results. Tasks without prompts can get SAM
   the end; the run goes on.
 
 The per-task work (``TaskAnnotator``: plan, predict, upload) is the same on a Ray cluster, where
-each worker runs it on shards of the task list (``backend.preannotate_ray``).
+each worker runs it on shards of the task list (``backend.project_preannotation_ray``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from stable_sam.prompts import ObjectPrompt
 from .errors import BadInput
 from .label_config import ParsedConfig, parse_label_config
 from .label_studio import LabelStudioUnavailable, project_tasks
-from .model import StableSamBackend
+from .ml_backend import StableSamBackend
 from .results import mask_results
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 
 log = logging.getLogger(__name__)
 

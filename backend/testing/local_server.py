@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -84,7 +84,7 @@ def start_backend(work: Path, env_extra: Dict[str, str], python: Optional[str] =
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "THREADS": "4", "LOG_LEVEL": "INFO",
                 "DEVICE": "cpu"})
     env.update(env_extra)
-    guard = ["-m", "backend.loopback_guard"] if loopback_only else []
+    guard = ["-m", "backend.testing.loopback_guard"] if loopback_only else []
     cmd = [python or sys.executable, *guard, "-m", "gunicorn", "-c", str(ROOT / "backend" / "gunicorn.conf.py"),
            "backend.wsgi:app"]
     return answering(Process("backend", cmd, env, work / "backend.log"), port, timeout=120)

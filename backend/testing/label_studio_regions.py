@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-LABEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "label_config"
+LABEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "label_config"
 
 
 def recommended_config() -> str:

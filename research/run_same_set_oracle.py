@@ -1,11 +1,11 @@
 """The same-set oracle: the Stable-SAM plugin against fine-tuning SAM's own token-to-image
 attention of the same decoder layer, both trained and evaluated on one small set (see
-``stable_sam/oracle.py``). Tells whether the plugin's design or the data limits what it gains.
+``research/same_set_oracle.py``). Tells whether the plugin's design or the data limits what it gains.
 
-    python scripts/oracle.py                           # 10 region-world training images, 5 epochs
-    python scripts/oracle.py --checkpoint runs/x.pt --images 20 --epochs 3 --json
-    python scripts/oracle.py --variant offsets --variant projection --offset-lr-scale 0.1
-    python scripts/oracle.py --images 600 --start 100000 --epochs 1 \
+    python -m research.run_same_set_oracle                           # 10 region-world training images, 5 epochs
+    python -m research.run_same_set_oracle --checkpoint runs/x.pt --images 20 --epochs 3 --json
+    python -m research.run_same_set_oracle --variant offsets --variant projection --offset-lr-scale 0.1
+    python -m research.run_same_set_oracle --images 600 --start 100000 --epochs 1 \
         --eval-dataset regions:heldout --eval-start 1000 --eval-images 40   # held out: RTS's setting
 """
 
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from research.same_set_oracle import attention_finetuned, attention_module, fit_plugin
 from stable_sam.build import build
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import open_dataset
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import PROMPT_TYPES, ProtocolConfig, evaluate, variants_table
-from stable_sam.oracle import attention_finetuned, attention_module, fit_plugin
 from stable_sam.rts import TRAINABLE_PARTS, RTSConfig
 
 

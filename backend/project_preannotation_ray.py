@@ -39,9 +39,9 @@ from stable_sam.preannotation.ray_job import (RayStats, RayUnavailable, ShardPoo
 
 from .errors import BadInput
 from .label_studio import connect
-from .model import StableSamBackend
-from .preannotate import SOURCES, LabelStudioSummary, TaskAnnotator, classify, list_tasks, project_config
-from .settings import BackendSettings
+from .ml_backend import StableSamBackend
+from .project_preannotation import SOURCES, LabelStudioSummary, TaskAnnotator, classify, list_tasks, project_config
+from .server_settings import BackendSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.dataset import SegmentationDataset
-from .model import StableSam
-from .modeling.plugin import StableSamPlugin
-from .lr_schedule import warmup_cosine
-from .rts import RTSConfig, _prepare, plugin_param_groups, prompts_loss
+from stable_sam.data.dataset import SegmentationDataset
+from stable_sam.lr_schedule import warmup_cosine
+from stable_sam.model import StableSam
+from stable_sam.modeling.plugin import StableSamPlugin
+from stable_sam.rts import RTSConfig, _prepare, plugin_param_groups, prompts_loss
 
 
 def fit(model: StableSam, dataset: SegmentationDataset, groups: List[Dict[str, Any]], cfg: RTSConfig,

@@ -11,7 +11,7 @@ tests fail from the record). Unix sockets and other families are not touched.
 It patches ``socket.socket.connect`` / ``connect_ex``: ``socket.create_connection``, urllib3 /
 requests, http.client and asyncio all connect through them. Not covered: sockets made in C
 (Ray's gRPC core, ...) and other processes, unless they install it too (``python -m
-backend.loopback_guard ...`` runs a command with it: the soak's backend). Not used by the product;
+backend.testing.loopback_guard ...`` runs a command with it: the soak's backend). Not used by the product;
 like ``local_server.py``, test support.
 """
 
@@ -62,7 +62,7 @@ def _check(sock: socket.socket, address: Any) -> None:
         refused.append(where)
     print(f"loopback_guard: refused a connection to {where} (outside 127.0.0.0/8 and ::1)", file=sys.stderr,
           flush=True)
-    raise OutsideLoopback(f"connection to {where} refused: outside loopback (backend/loopback_guard.py)")
+    raise OutsideLoopback(f"connection to {where} refused: outside loopback (backend/testing/loopback_guard.py)")
 
 
 def install() -> None:
@@ -92,10 +92,10 @@ def uninstall() -> None:
 
 
 def main() -> None:
-    """``python -m backend.loopback_guard -m module args...``: run ``module`` as ``python -m`` would,
+    """``python -m backend.testing.loopback_guard -m module args...``: run ``module`` as ``python -m`` would,
     with the guard installed (gunicorn's workers are forked from it, so they have it too)."""
     if len(sys.argv) < 3 or sys.argv[1] != "-m":
-        raise SystemExit("usage: python -m backend.loopback_guard -m MODULE [ARGS...]")
+        raise SystemExit("usage: python -m backend.testing.loopback_guard -m MODULE [ARGS...]")
     install()
     module = sys.argv[2]
     sys.argv = [module] + sys.argv[3:]

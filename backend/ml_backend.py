@@ -30,16 +30,16 @@ from stable_sam.modeling.plugin import StableSamPlugin
 from stable_sam.predictor import ObjectMask, PromptError, StableSamPredictor
 
 from .bounded_cache import BoundedCache
-from .errors import BadInput, ClientGone, clip
+from .errors import BadInput, ClientGone, short_repr
 from .jobs import JobManager
 from .label_config import ConfigNotReady, ParsedConfig, check_regions, output_label, parse_label_config
 from .media import ImageLoader
-from .metrics import Metrics
+from .prometheus_metrics import Metrics
 from .prefetch import Prefetcher
 from .previous_masks import PreviousMasks, prompt_key
 from .projects import project_id
 from .results import mask_results
-from .settings import BackendSettings
+from .server_settings import BackendSettings
 from .versions import PluginVersions, Serving
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class StableSamBackend:
             try:
                 self.label_config(schema)
             except ConfigNotReady as e:
-                log.info("/setup for project %s: %s", clip(project, 40), e.message)
+                log.info("/setup for project %s: %s", short_repr(project, 40), e.message)
             pid = project_id(project)
             if pid is not None:
                 self._schemas.put(pid, schema, len(schema))
@@ -232,7 +232,7 @@ class StableSamBackend:
             prompts_by_task = [result_regions(task) for task in tasks]
             if not any(results for results, _ in prompts_by_task):
                 for task, (_, reason) in zip(tasks, prompts_by_task):
-                    log.info("task %s: no prediction: %s", clip(task.get("id"), 40), reason)
+                    log.info("task %s: no prediction: %s", short_repr(task.get("id"), 40), reason)
                 self.metrics.count("batch_tasks_skipped_total", len(tasks))
                 if len(tasks) == 1:
                     self.prefetch(cfg, tasks[0])
@@ -251,7 +251,7 @@ class StableSamBackend:
             return out
         for done, (task, (results, source)) in enumerate(zip(tasks, prompts_by_task)):
             self._stop_if_gone(client_gone, done, len(tasks))
-            tid = clip(task.get("id"), 40)
+            tid = short_repr(task.get("id"), 40)
             if not results:
                 log.info("task %s: no prediction: %s", tid, source)
                 self.metrics.count("batch_tasks_skipped_total")
@@ -280,7 +280,7 @@ class StableSamBackend:
         t = time.perf_counter()
         model = self.model  # the first task opened also loads the model, off the request
         model.embed(*self.images.load(url, task_id))
-        log.info("task %s: image prefetched and encoded in %.2f s", clip(task_id, 40), time.perf_counter() - t)
+        log.info("task %s: image prefetched and encoded in %.2f s", short_repr(task_id, 40), time.perf_counter() - t)
 
     # -- internals ---------------------------------------------------------------------------------
     @staticmethod
@@ -318,20 +318,20 @@ class StableSamBackend:
             key = cfg.image_keys.get(to_name)
             url = task["data"].get(key) if key else None
             if url is None:
-                raise BadInput(f"task {clip(task.get('id'), 40)} has no data.{key} for image {to_name!r}")
+                raise BadInput(f"task {short_repr(task.get('id'), 40)} has no data.{key} for image {to_name!r}")
             image, digest = self.images.load(url, task.get("id"))
             emb = model.embed(image, digest)
             h, w = image.shape[:2]
             groups, notes = group_prompts(regs, w, h)
             for note in notes:
-                log.info("task %s: %s", clip(task.get("id"), 40), note)
+                log.info("task %s: %s", short_repr(task.get("id"), 40), note)
             # The mask is always of the decoded image: a claimed original size is only the client's
             # word (1e9 x 1e9 would be allocated); the file is what the annotator sees.
             claimed = next(((r.original_width, r.original_height) for r in regs
                             if r.original_width and r.original_height), (w, h))
             if claimed != (w, h):
                 log.warning("task %s: the regions say image %r is %d x %d, the file decodes to %d x %d: "
-                            "mask of the decoded size", clip(task.get("id"), 40), to_name, *claimed, w, h)
+                            "mask of the decoded size", short_repr(task.get("id"), 40), to_name, *claimed, w, h)
             control = cfg.output_by_image[to_name]
             labels = [output_label(g, control) for g in groups]
             # the task and image by digest: a key never holds a request's (maybe huge) strings

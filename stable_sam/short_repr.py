@@ -3,16 +3,16 @@ repeats them."""
 
 from __future__ import annotations
 
-ECHO_CHARS = 100  # how much of a value sent to us is repeated in a message or a log line
+SHORT_REPR_CHARS = 100  # how much of a value sent to us is repeated in a message or a log line
 
 
-def clip(value: object, n: int = ECHO_CHARS) -> str:
+def short_repr(value: object, n: int = SHORT_REPR_CHARS) -> str:
     """``repr(value)`` cut to ``n`` characters, for echoing what a client sent: a 1 MB name must
     not come back whole in the answer or the log. Containers are summarised, not walked (a deeply
     nested one would recurse)."""
     if isinstance(value, (list, tuple)) and len(value) <= 20 and all(
             isinstance(v, (str, int, float)) for v in value):  # flat: shown, each item clipped
-        text = "[" + ", ".join(clip(v, n) for v in value) + "]"
+        text = "[" + ", ".join(short_repr(v, n) for v in value) + "]"
         return text if len(text) <= n else f"{text[:n - 3]}... ({len(value)} items)"
     if isinstance(value, (dict, list, tuple)):
         return f"<{type(value).__name__} of {len(value)}>"
