@@ -218,6 +218,89 @@ def plugin_param_groups(plugin: StableSamPlugin, cfg: RTSConfig) -> List[Dict[st
                         {"params": offset, "lr": cfg.lr * cfg.offset_lr_scale}) if g["params"]]
 
 
+def _probe_loss(model: StableSam, plugin: StableSamPlugin, probe: Optional[_Step]) -> Optional[float]:
+    """The loss on the fixed probe prompts (the plugin in eval mode for it, then back in training
+    mode); None without a probe."""
+    if probe is None:
+        return None
+    plugin.eval()
+    with torch.no_grad():
+        value = float(prompts_loss(model, plugin, probe.embs, probe.targets, probe.prompts))
+    plugin.train()
+    return value
+
+
+def _rts_step(model: StableSam, plugin: StableSamPlugin, samples: List[Sample], cfg: RTSConfig,
+              rng: np.random.Generator, opt: torch.optim.Optimizer, params: List[torch.nn.Parameter],
+              ddp: DataParallelGroup) -> Optional[Tuple[float, List[TrainPrompt]]]:
+    """One optimiser step on this process's ``samples`` (with several processes a rank without
+    images still joins the gradient all-reduce). Returns the loss and the prompts drawn; None when
+    there were no samples."""
+    if not samples and ddp.world == 1:
+        return None
+    opt.zero_grad(set_to_none=False)
+    for p in params:
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    loss = batch = None
+    if samples:
+        batch = _prepare(model, samples, cfg, rng)
+        loss = prompts_loss(model, plugin, batch.embs, batch.targets, batch.prompts)
+        loss.backward()
+    if ddp.average_gradients(params, contributed=bool(samples)):
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return None if loss is None else (float(loss.detach()), batch.prompts)
+
+
+class _RtsRecord:
+    """What an RTS run has seen so far: the loss curve and its running mean, the prompt kinds, and
+    the images and objects of the first epoch (the data size)."""
+
+    def __init__(self) -> None:
+        self.curve: List[Dict[str, float]] = []
+        self.kinds: Counter = Counter()
+        self.images = self.objects = 0
+        self.running: Optional[float] = None
+
+    def add(self, step: int, epoch: int, loss: float, prompts: List[TrainPrompt], samples: List[Sample]) -> None:
+        """Step ``step`` (0-based) of ``epoch`` (0-based) trained on ``samples`` with ``prompts``."""
+        self.running = loss if self.running is None else 0.95 * self.running + 0.05 * loss
+        self.kinds.update(p.kind for p in prompts)
+        if epoch == 0:
+            self.images += len(samples)
+            self.objects += sum(len(s.masks) for s in samples)
+        self.curve.append({"step": step + 1, "epoch": epoch + 1, "loss": round(loss, 5)})
+
+
+def _rts_summary(model: StableSam, plugin: StableSamPlugin, dataset: SegmentationDataset, cfg: RTSConfig,
+                 record: _RtsRecord, ddp: DataParallelGroup, total_steps: int,
+                 probe_losses: Tuple[Optional[float], Optional[float]], encoder_calls: int,
+                 minutes: float) -> Dict[str, Any]:
+    """``train_plugin``'s summary (the counts summed over the processes)."""
+    images, objects = ddp.total(record.images), ddp.total(record.objects)  # every rank, in this order
+    kinds = ddp.merge_counts(record.kinds)
+    return {
+        "method": "RTS",
+        "rts_config": asdict(cfg),
+        "plugin_config": plugin.config.to_dict(),
+        "trainable_params": count_trainable(plugin),
+        "dataset": getattr(dataset, "description", type(dataset).__name__),
+        "images": images,
+        "objects": objects,
+        "prompts": sum(kinds.values()),
+        "prompt_kinds": dict(kinds),
+        "epochs": cfg.epochs,
+        "steps": total_steps,
+        "loss_curve": _downsample(record.curve, 200),
+        "probe_loss_before": probe_losses[0],
+        "probe_loss_after": probe_losses[1],
+        "encoder_calls": encoder_calls,
+        "minutes": round(minutes, 3),
+        "device": str(model.device),
+        "processes": ddp.world,
+    }
+
+
 def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig = RTSConfig(),
                  plugin: Optional[StableSamPlugin] = None, progress: bool = True,
                  log: Callable[[str], None] = print,
@@ -225,9 +308,19 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
                  ) -> Tuple[StableSamPlugin, Dict[str, Any]]:
     """Train a plugin (a fresh one of ``PluginConfig()`` by default) with RTS; SAM is untouched.
 
-    Returns the trained plugin (eval mode) and a summary: data size, epochs, steps, loss curve,
-    the loss on fixed probe prompts before and after, prompt kinds seen, time. ``on_step(step,
-    steps, loss)`` is called after every step (loss None when the step had no usable image).
+    Args:
+        model: the frozen SAM the plugin serves with.
+        dataset: the training images (``len``, ``[i] -> Sample``); images without masks are skipped.
+        cfg: the recipe (epochs, lr, prompt mix, seed, ...).
+        plugin: the plugin to train further (default: a fresh, no-op one).
+        progress: show a progress bar.
+        log: where the one-line result goes.
+        on_step: ``on_step(step, steps, loss)`` after every step (loss None when the step had no
+            usable image).
+
+    Returns:
+        The trained plugin (eval mode) and a summary: data size, epochs, steps, loss curve, the
+        loss on fixed probe prompts before and after, prompt kinds seen, time.
     """
     torch.manual_seed(cfg.seed)
     ddp = DataParallelGroup.current()
@@ -241,92 +334,41 @@ def train_plugin(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig 
     ddp.broadcast(params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(dataset)
-    steps_per_epoch = math.ceil(n / (cfg.images_per_step * ddp.world))
-    total_steps = steps_per_epoch * cfg.epochs
+    per_step = cfg.images_per_step * ddp.world
+    total_steps = math.ceil(n / per_step) * cfg.epochs
     sched = warmup_cosine(opt, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
     get = _usable(dataset)
 
     probe_samples = [s for s in (get(i) for i in range(min(cfg.probe_images, n))) if s is not None]
     probe = _prepare(model, probe_samples, cfg, np.random.default_rng([cfg.seed, 1])) if probe_samples else None
-
-    def probe_loss() -> Optional[float]:
-        if probe is None:
-            return None
-        plugin.eval()
-        with torch.no_grad():
-            value = float(prompts_loss(model, plugin, probe.embs, probe.targets, probe.prompts))
-        plugin.train()
-        return value
-
-    start = time.time()
-    encoder_calls0 = model.encoder_calls
-    before = probe_loss()
-    curve: List[Dict[str, float]] = []
-    kinds: Counter = Counter()
-    images_used = objects_used = 0
+    start, encoder_calls0 = time.time(), model.encoder_calls
+    before = _probe_loss(model, plugin, probe)
+    record = _RtsRecord()
     plugin.train()
     bar = tqdm(total=total_steps, desc="RTS", unit="step", disable=not progress, dynamic_ncols=True)
-    running = None
     step = 0
-    per_step = cfg.images_per_step * ddp.world
     for epoch in range(cfg.epochs):
         order = order_rng.permutation(n)
         for s0 in range(0, n, per_step):
             mine = order[s0 + ddp.rank * cfg.images_per_step:s0 + (ddp.rank + 1) * cfg.images_per_step]
             samples = [s for s in (get(i) for i in mine) if s is not None]
-            if samples or ddp.world > 1:  # every rank joins every gradient all-reduce
-                opt.zero_grad(set_to_none=False)
-                for p in params:
-                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                if samples:
-                    batch = _prepare(model, samples, cfg, rng)
-                    loss = prompts_loss(model, plugin, batch.embs, batch.targets, batch.prompts)
-                    loss.backward()
-                if ddp.average_gradients(params, contributed=bool(samples)):
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-            if samples:
-                value = float(loss.detach())
-                running = value if running is None else 0.95 * running + 0.05 * value
-                kinds.update(p.kind for p in batch.prompts)
-                if epoch == 0:
-                    images_used += len(samples)
-                    objects_used += sum(len(s.masks) for s in samples)
-                curve.append({"step": step + 1, "epoch": epoch + 1, "loss": round(value, 5)})
-                bar.set_postfix(loss=f"{running:.4f}")
+            done = _rts_step(model, plugin, samples, cfg, rng, opt, params, ddp)
+            if done is not None:
+                record.add(step, epoch, done[0], done[1], samples)
+                bar.set_postfix(loss=f"{record.running:.4f}")
             sched.step()
             bar.update(1)
             step += 1
             if on_step is not None:
-                on_step(step, total_steps, round(value, 5) if samples else None)
+                on_step(step, total_steps, round(done[0], 5) if done is not None else None)
     bar.close()
-    after = probe_loss()
+    after = _probe_loss(model, plugin, probe)
     plugin.eval()
-    images_used, objects_used = ddp.total(images_used), ddp.total(objects_used)
-    kinds = ddp.merge_counts(kinds)
     minutes = (time.time() - start) / 60
-    summary = {
-        "method": "RTS",
-        "rts_config": asdict(cfg),
-        "plugin_config": plugin.config.to_dict(),
-        "trainable_params": count_trainable(plugin),
-        "dataset": getattr(dataset, "description", type(dataset).__name__),
-        "images": images_used,
-        "objects": objects_used,
-        "prompts": sum(kinds.values()),
-        "prompt_kinds": dict(kinds),
-        "epochs": cfg.epochs,
-        "steps": total_steps,
-        "loss_curve": _downsample(curve, 200),
-        "probe_loss_before": before,
-        "probe_loss_after": after,
-        "encoder_calls": model.encoder_calls - encoder_calls0,
-        "minutes": round(minutes, 3),
-        "device": str(model.device),
-        "processes": ddp.world,
-    }
-    log(f"RTS: {images_used} images, {objects_used} objects, {summary['prompts']} prompts, {total_steps} steps "
-        f"in {minutes:.1f} min; probe loss {before if before is None else round(before, 4)} -> "
+    summary = _rts_summary(model, plugin, dataset, cfg, record, ddp, total_steps, (before, after),
+                           model.encoder_calls - encoder_calls0, minutes)
+    log(f"RTS: {summary['images']} images, {summary['objects']} objects, {summary['prompts']} prompts, "
+        f"{total_steps} steps in {minutes:.1f} min; probe loss {before if before is None else round(before, 4)} -> "
         f"{after if after is None else round(after, 4)}")
     return plugin, summary
 
