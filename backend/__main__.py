@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def main() -> None:
+    """Replace this process with gunicorn serving ``backend.wsgi:app`` (``backend/gunicorn.conf.py``),
+    run from the repository root."""
     root = Path(__file__).resolve().parents[1]
     os.chdir(root)
     conf = str(root / "backend" / "gunicorn.conf.py")

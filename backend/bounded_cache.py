@@ -34,6 +34,8 @@ class BoundedCache(Generic[V]):
             return item[0]
 
     def put(self, key: Hashable, value: V, nbytes: int) -> None:
+        """Store ``value`` (``nbytes`` large) as the newest entry, evicting the oldest past the bounds
+        (a value over the byte bound alone is not stored)."""
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -62,5 +64,6 @@ class BoundedCache(Generic[V]):
 
     @property
     def nbytes(self) -> int:
+        """The bytes held now."""
         with self._lock:
             return self._bytes

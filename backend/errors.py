@@ -17,6 +17,7 @@ class BadInput(ValueError):
 
     @property
     def message(self) -> str:
+        """The message the client gets."""
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 

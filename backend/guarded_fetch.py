@@ -88,6 +88,7 @@ class Download:
         self._timer.start()
 
     def remaining(self) -> float:
+        """Seconds left before the deadline (0 once past it)."""
         return max(self.deadline - time.monotonic(), 0.0)
 
     def address(self, host: str, port: int) -> str:
@@ -109,6 +110,7 @@ class Download:
         return addresses[0]
 
     def register(self, sock: socket.socket) -> None:
+        """Track ``sock`` so the deadline can close it; ``ImageUnavailable`` when already past it."""
         with self._lock:
             if self.expired:
                 raise self.timeout_error()
@@ -124,9 +126,11 @@ class Download:
                     pass
 
     def timeout_error(self) -> ImageUnavailable:
+        """The error a download past FETCH_DEADLINE_S ends with."""
         return ImageUnavailable(f"the image download did not finish within FETCH_DEADLINE_S ({self.deadline_s:g} s)")
 
     def close(self) -> None:
+        """Cancel the deadline's timer (the download is over)."""
         self._timer.cancel()
 
 

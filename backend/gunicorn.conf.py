@@ -70,12 +70,14 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
+    """gunicorn hook: a worker exited; its Prometheus multiprocess files are marked dead."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):
+    """gunicorn hook: the server stops; the temporary Prometheus folder it made is removed."""
     # Known by its name, not a module global: a HUP reload re-reads this file.
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if os.path.dirname(path) == tempfile.gettempdir() and os.path.basename(path).startswith(_METRICS_DIR_PREFIX):
@@ -83,6 +85,7 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
+    """gunicorn hook: with PRELOAD_MODEL, a new worker loads its model in the background."""
     if _s.preload_model:
         backend = worker.wsgi.extensions["stable_sam_backend"]
         background.start(lambda: backend.model, "preload-model")  # joined at exit, as every model thread

@@ -10,8 +10,10 @@ LOCK_FD_ENV = "STABLE_SAM_JOB_LOCK_FD"  # the inherited descriptor of the projec
 
 
 def job_status_path(model_dir: Path, job_id: str) -> Path:
+    """The status file of training job ``job_id`` under ``model_dir``."""
     return Path(model_dir) / "jobs" / f"{job_id}.json"
 
 
 def utc_now() -> str:
+    """The time now, UTC, ISO 8601 to the second (the job files' timestamps)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

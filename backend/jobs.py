@@ -53,6 +53,7 @@ RUNNING = "running"
 
 
 class JobNotFound(BadInput):
+    """No such training job (404)."""
     def __init__(self, message: str) -> None:
         super().__init__(message, status=404)
 
@@ -68,6 +69,7 @@ class JobManager:
 
     @staticmethod
     def default_command(project: int, job_id: str) -> List[str]:
+        """The training job's command line: ``python -m backend.training --project N --job-id ID``."""
         return [sys.executable, "-m", "backend.training", "--project", str(project), "--job-id", job_id]
 
     # -- files and locks ---------------------------------------------------------------------------
@@ -106,11 +108,14 @@ class JobManager:
         return False
 
     def running_job(self, project: int) -> Optional[str]:
+        """The id of ``project``'s running job, None when none runs."""
         with self._control(project):
             return self._lock_info(project)[0] if self._held(project) else None
 
     # -- starting ----------------------------------------------------------------------------------
     def check_configured(self) -> None:
+        """``BadInput`` naming what is missing when Label Studio's URL or API key is not set (a job
+        reads the project through them)."""
         s = self.settings
         missing = [name for name, value in (("LABEL_STUDIO_URL", s.label_studio_url),
                                             ("LABEL_STUDIO_API_KEY", s.label_studio_api_key)) if not value]

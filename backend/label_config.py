@@ -28,6 +28,8 @@ class ConfigNotReady(BadInput):
 
 @dataclass(frozen=True)
 class ParsedConfig:
+    """A project's labeling config, read once: its controls, which control each image's masks are
+    written for, and which task data key holds each image."""
     interface: LabelInterface
     controls: Dict[str, Any]  # name -> control tag
     brush_by_image: Dict[str, Any]  # Image tag name -> its first BrushLabels control

@@ -6,6 +6,7 @@ import logging
 
 
 def configure_logging(level: str = "INFO") -> None:
+    """One log format for the backend's processes (a handler added unless the root logger has one), at ``level``."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()

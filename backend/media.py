@@ -63,6 +63,8 @@ class TokenSource:
                 pass  # a legacy token: sent as "Token <key>"
 
     def token(self) -> str:
+        """The token to send to Label Studio: the legacy key, or a short-lived access token
+        (refreshed through /api/token/refresh/ 30 s before it expires)."""
         if not self.is_refresh_token:
             return self.api_key
         with self._lock:
@@ -170,6 +172,7 @@ class ImageLoader:
 
     # -- cache -----------------------------------------------------------------------------------
     def cached(self, url: str, task_id: Any) -> Optional[Tuple[np.ndarray, str]]:
+        """The cached (image, source) of ``url`` (per task for cloud URIs), None when absent or expired."""
         key = (url, task_id if ls_io.is_cloud_storage_uri(url) else None)
         with self._lock:
             item = self._cache.get(key)

@@ -92,6 +92,7 @@ class StableSamBackend:
 
     # -- the model ---------------------------------------------------------------------------------
     def describe_model(self) -> str:
+        """What serves, in words (the first log line)."""
         return describe_serving(self.settings)
 
     def _install(self, model: StableSam) -> None:
@@ -102,6 +103,7 @@ class StableSamBackend:
 
     @property
     def model_loaded(self) -> bool:
+        """Whether the model is loaded (/health never loads it)."""
         return self._model is not None
 
     @property
@@ -132,13 +134,16 @@ class StableSamBackend:
 
     @property
     def version_error(self) -> Optional[str]:
+        """Why the model version cannot be given, None when it can."""
         return self.plugin_versions.error
 
     # -- plugin versions ---------------------------------------------------------------------------
     def serving(self, project: Any = None) -> Serving:
+        """The plugin version ``project`` serves now (its pin, else the current one)."""
         return self.plugin_versions.serving(project)
 
     def plugin_for(self, serving: Serving, model: StableSam) -> Optional[StableSamPlugin]:
+        """The loaded plugin of ``serving`` for ``model`` (None: plain SAM)."""
         return self.plugin_versions.plugin_for(serving, model)
 
     def versions(self, project: Any = None) -> Dict[str, Any]:

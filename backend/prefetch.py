@@ -43,6 +43,7 @@ class Prefetcher:
 
     @property
     def enabled(self) -> bool:
+        """Whether prefetching is on (a queue bound above 0)."""
         return self.max_queued > 0
 
     def _count(self, what: str) -> None:
@@ -72,6 +73,7 @@ class Prefetcher:
         return True
 
     def pending(self) -> int:
+        """Images queued, not yet started."""
         with self._lock:
             return len(self._waiting)
 

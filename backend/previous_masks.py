@@ -55,6 +55,7 @@ class PreviousMasks:
 
     @property
     def enabled(self) -> bool:
+        """Whether previous masks are kept (a bound above 0)."""
         return self.max_items > 0
 
     def __len__(self) -> int:
@@ -62,6 +63,7 @@ class PreviousMasks:
             return len(self._items)
 
     def get(self, key: Hashable) -> Optional[np.ndarray]:
+        """The low-res logits (h x w float16) stored for ``key``, None when absent or expired."""
         if not self.enabled:
             return None
         now = self._clock()
@@ -78,6 +80,7 @@ class PreviousMasks:
             return item[1].astype(np.float32)
 
     def put(self, key: Hashable, logits: np.ndarray) -> None:
+        """Keep ``logits`` (the last two dimensions: h x w low-res logits) for ``key``."""
         if not self.enabled:
             return
         value = np.asarray(logits, dtype=np.float16).reshape(np.shape(logits)[-2:]).copy()

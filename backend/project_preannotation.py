@@ -84,9 +84,11 @@ class LabelStudioSummary:
 
     @property
     def images_per_s(self) -> float:
+        """Tasks processed per second of the run."""
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> Dict[str, Any]:
+        """The summary as printed by ``--json``."""
         return {"model_version": self.model_version, "processed": self.processed, "uploaded": self.uploaded,
                 "would_upload": self.would_upload, "masks": self.masks, "skipped_done": self.skipped_done,
                 "no_prompts": self.no_prompts, "empty": self.empty, "already_uploaded": self.already_uploaded,
@@ -214,6 +216,7 @@ class TaskAnnotator:
         return image
 
     def plan(self, task: Dict[str, Any]) -> _Plan:
+        """What to do with ``task``: done, no prompts, or todo (then with its image read)."""
         p = classify(task, self.version, self.sources, self.auto)
         if p.status == "todo":
             p.image = self._image(task, p.results)

@@ -71,6 +71,7 @@ class LabelStudioShardWorker:
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def run(self, shard: List[Task]) -> LabelStudioSummary:
+        """Pre-annotate (and upload) ``shard`` on this worker; its summary."""
         summary = LabelStudioSummary(self.annotator.version)
         start = time.perf_counter()
         self.annotator.run(shard, summary)
@@ -85,6 +86,7 @@ class LabelStudioRaySummary(LabelStudioSummary, RayStats):
     last one back."""
 
     def to_json(self) -> Dict[str, Any]:
+        """The summary as printed by ``--json``, with the cluster's part (``ray``)."""
         return dict(super().to_json(), ray=self.ray_json())
 
 

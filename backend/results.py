@@ -87,6 +87,7 @@ def polygon_results(g: PromptGroup, label: str, from_name: str, to_name: str, pr
 
 
 def polygon_options(settings: BackendSettings) -> PolygonOptions:
+    """The polygon settings (POLYGON_TOLERANCE_PX, ...) as ``PolygonOptions``."""
     return PolygonOptions(settings.polygon_tolerance_px, settings.polygon_min_area_px, settings.polygon_largest_only)
 
 

@@ -109,6 +109,8 @@ ENV_NAMES = {"local_files_root": "LOCAL_FILES_DOCUMENT_ROOT"}
 
 @dataclass(frozen=True)
 class BackendSettings(ModelSettings):
+    """The model's settings (``ModelSettings``) plus the server's: Label Studio, fetching, limits,
+    auth, workers, training jobs, output; each field's environment variable is in its comment."""
     # Label Studio: where relative /data/upload/... URLs and cloud URIs are resolved, and the key
     # used to read them: a legacy token, or a personal access token (exchanged for a short-lived
     # access token through /api/token/refresh/). /setup's access_token is never used (docs/configuration.md).
@@ -181,6 +183,7 @@ class BackendSettings(ModelSettings):
 
     @classmethod
     def from_env(cls) -> "BackendSettings":
+        """The settings from the environment; ``SettingsError`` naming a variable with a bad value."""
         env = os.environ
         base = ModelSettings.from_env()
         root = _str(env, "LOCAL_FILES_DOCUMENT_ROOT")
@@ -251,4 +254,5 @@ class BackendSettings(ModelSettings):
 
     @property
     def auth_enabled(self) -> bool:
+        """Whether basic auth is on (both BASIC_AUTH_USER and BASIC_AUTH_PASS set)."""
         return bool(self.basic_auth_user and self.basic_auth_pass)

@@ -94,6 +94,8 @@ class JobReporter(Reporter):
         self._committing = False
 
     def update(self, throttle: bool = False, **fields: Any) -> None:
+        """Merge ``fields`` into the job's status and write the file (at most every STATUS_EVERY_S
+        when ``throttle``)."""
         self.state.update(fields, updated=utc_now())
         now = time.monotonic()
         if throttle and now - self._last_write < STATUS_EVERY_S:
@@ -102,21 +104,25 @@ class JobReporter(Reporter):
         atomic_write_json(self.state, self.status_path)
 
     def phase(self, name: str, info: Optional[Dict[str, Any]] = None) -> None:
+        """The job entered phase ``name``: in the status file and the log."""
         self.update(phase=name, **(info or {}))
         super().phase(name, info)
 
     def step(self, step: int, steps: int, loss: Optional[float]) -> None:
+        """RTS step ``step`` of ``steps`` (and its loss) in the status file, throttled but the last."""
         self.update(throttle=step < steps, phase="training", step=step, steps=steps,
                     **({"loss": loss} if loss is not None else {}))
 
     # cancellation: a SIGTERM raises Cancelled until the new version starts being committed;
     # from then on the run finishes (a half-done commit would be worse than a late cancel)
     def on_sigterm(self, signum, frame) -> None:
+        """SIGTERM handler: cancel (``Cancelled``) unless the new version is being committed."""
         if not self._committing:
             raise Cancelled("cancelled (SIGTERM) before the new version was written")
         self.echo("SIGTERM while committing the new version: finishing")
 
     def committing(self) -> ContextManager[None]:
+        """From here on a SIGTERM no longer cancels: the new version is being written."""
         self._committing = True
         return contextlib.nullcontext()
 

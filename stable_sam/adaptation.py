@@ -51,6 +51,8 @@ class AdaptationError(RuntimeError):
 
 @dataclass
 class AdaptationConfig:
+    """How a project's plugin is adapted: the held-out share, where training starts (``init``), the
+    held-out noisy boxes, and the RTS recipe."""
     holdout: float = 0.2  # share of labelled images held out for the before / after figure
     init: str = "current"  # start from the plugin serving now ("current") or a fresh one
     noise: float = 0.4  # DN-DETR scale of the held-out boxes for objects without a drawn prompt
@@ -90,6 +92,7 @@ class Skipping(SegmentationDataset):
         return len(self.base)
 
     def key(self, index: int) -> str:
+        """The stable key of image ``index`` (the base dataset's, else the index): what the split hashes."""
         return self.base.key(index) if hasattr(self.base, "key") else str(index)
 
     def __getitem__(self, index: int) -> Sample:
@@ -134,6 +137,7 @@ def heldout_miou(model: StableSam, dataset: SegmentationDataset, plugin: Optiona
 
 @dataclass
 class AdaptationResult:
+    """``adapt``'s answer: the plugin to save and a summary (sizes, before / after mIoU, RTS)."""
     plugin: StableSamPlugin
     summary: Dict[str, Any] = field(default_factory=dict)
 
@@ -203,15 +207,19 @@ class Reporter:
         self.echo = echo
 
     def log(self, message: str) -> None:
+        """A line for the job's log."""
         self.echo(message)
 
     def phase(self, name: str, info: Optional[Dict[str, Any]] = None) -> None:
+        """The job entered phase ``name`` (``info``: figures to show with it)."""
         self.echo(f"phase: {name}")
 
     def step(self, step: int, steps: int, loss: Optional[float]) -> None:
+        """RTS finished ``step`` of ``steps`` (``loss`` None when the step had no usable image)."""
         pass
 
     def committing(self) -> ContextManager[None]:
+        """A context in which the new version is written (a job cannot be cancelled inside it)."""
         return contextlib.nullcontext()
 
 

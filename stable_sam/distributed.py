@@ -27,6 +27,8 @@ class DataParallelGroup:
 
     @classmethod
     def current(cls) -> "DataParallelGroup":
+        """The group of this process: torch.distributed's rank and world size when it is
+        initialised, else one process."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()

@@ -41,6 +41,8 @@ class StoreError(CheckpointError):
 
 
 def check_name(name: str, what: str) -> str:
+    """``name`` when it is a valid scope or version name (letters, digits, . _ + -, at most 128,
+    no .pt / .json ending); else ``StoreError`` naming ``what`` and a shortened ``name``."""
     if not isinstance(name, str) or not _NAME.match(name) or name.endswith((".pt", ".json")):
         shown = repr(name) if len(repr(name)) <= 100 else repr(name)[:97] + "..."  # never echo a name whole
         raise StoreError(f"{what} {shown} is not a valid name (letters, digits, . _ + -, at most 128)")
@@ -69,12 +71,15 @@ class PluginStore:
 
     # -- names and files ---------------------------------------------------------------------------
     def scope_dir(self, scope: str) -> Path:
+        """The folder of ``scope``'s versions."""
         return self.dir / check_name(scope, "scope")
 
     def path(self, scope: str, version: str) -> Path:
+        """The checkpoint file of ``version`` in ``scope``."""
         return self.scope_dir(scope) / f"{check_name(version, 'version')}.pt"
 
     def scopes(self) -> List[str]:
+        """Every scope with a folder, sorted."""
         if not self.dir.is_dir():
             return []
         return sorted(p.name for p in self.dir.iterdir() if p.is_dir() and _NAME.match(p.name))
@@ -117,6 +122,7 @@ class PluginStore:
         return None
 
     def all_versions(self) -> List[str]:
+        """Every version of every scope, sorted."""
         return sorted({v.version for s in self.scopes() for v in self.versions(s)})
 
     # -- writing -----------------------------------------------------------------------------------
@@ -129,6 +135,7 @@ class PluginStore:
         return save_plugin(plugin, path, version, base_model, summary)
 
     def load(self, scope: str, version: str, model_type: Optional[str] = None) -> PluginCheckpoint:
+        """``version`` of ``scope`` as a ``PluginCheckpoint`` (checked against ``model_type`` when given)."""
         return load_plugin(self.path(scope, version), model_type=model_type)
 
     # -- the pointer -------------------------------------------------------------------------------

@@ -76,13 +76,30 @@ class StableSamPredictor:
     side by side in threads."""
 
     def __init__(self, model: StableSam, max_batch: int = 64, plugin: Optional[StableSamPlugin] = None) -> None:
+        """
+        Args:
+            model: the SAM (with its own plugin) that encodes and decodes.
+            max_batch: prompts per decoder call; more are decoded in chunks.
+            plugin: run this plugin instead of ``model.plugin`` (the model is not changed).
+        """
         self.model = model
         self.max_batch = max_batch
         self.plugin = plugin
         self.image: Optional[ImageEmbedding] = None
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> ImageEmbedding:
-        """Encode (or fetch from the cache) an H x W x 3 uint8 image."""
+        """Encode (or fetch from the cache) an image; later ``predict`` calls prompt it.
+
+        Args:
+            image: H x W x 3 uint8.
+            image_format: "RGB" or "BGR" (channels reversed first).
+
+        Returns:
+            The image's ``ImageEmbedding`` (features, input and original size).
+
+        Raises:
+            PromptError: the image is not H x W x 3 uint8, is empty, or the format is unknown.
+        """
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3:
             raise PromptError(f"image must be H x W x 3, got shape {image.shape}")
@@ -98,6 +115,7 @@ class StableSamPredictor:
         return self.image
 
     def set_embedding(self, embedding: ImageEmbedding) -> None:
+        """Prompt an image encoded before (``set_image``'s or ``model.embed``'s result)."""
         self.image = embedding
 
     def _validate(self, point_coords, point_labels, box, mask_input):
@@ -153,10 +171,21 @@ class StableSamPredictor:
                 multimask_output: Optional[bool] = None, use_plugin: bool = True) -> Prediction:
         """Predict one mask per prompt, coordinates in original-image pixels (x, y).
 
-        point_coords K x 2 with point_labels K (1 positive, 0 negative) for one prompt, or
-        N x K x 2 with N boxes; box 4 or N x 4 (XYXY); mask_input N x 1 x h x w previous
-        low-res logits. ``multimask_output=None`` asks SAM for three candidates only when the
-        prompt is a single point (ambiguous) and keeps the best by predicted IoU.
+        Args:
+            point_coords: K x 2 for one prompt, or N x K x 2 with N boxes.
+            point_labels: K (or N x K): 1 positive, 0 negative.
+            box: 4 or N x 4, XYXY.
+            mask_input: N x 1 x h x w low-res logits of a previous prediction (h = w =
+                ``model.adapter.low_res_side``).
+            multimask_output: None asks SAM for three candidates only when the prompt is a
+                single point (ambiguous) and keeps the best by predicted IoU.
+            use_plugin: False gives plain SAM's masks.
+
+        Returns:
+            A ``Prediction`` of N rows (masks N x H x W bool at the original size).
+
+        Raises:
+            PromptError: no image set, or a prompt of the wrong shape, outside the image or empty.
         """
         points, labels, boxes, masks, n = self._validate(point_coords, point_labels, box, mask_input)
         if multimask_output is None:
@@ -173,7 +202,8 @@ class StableSamPredictor:
         )
 
     def predict_objects(self, prompts: Sequence[ObjectPrompt], use_plugin: bool = True) -> Prediction:
-        """One mask per object prompt, prompts of any mix of shapes, rows in the order given.
+        """One mask per object prompt, prompts of any mix of shapes, rows in the order given
+        (``Prediction`` of ``len(prompts)`` rows; ``use_plugin=False``: plain SAM).
 
         Prompts of one shape (box or not, K points) go through the decoder together: one call per
         shape, not per object. A lone positive point without a box is ambiguous and keeps the best of

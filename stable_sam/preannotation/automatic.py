@@ -49,6 +49,7 @@ class AutoConfig:
                 raise ValueError(f"{name} must be in 0..1, got {getattr(self, name)}")
 
     def to_json(self) -> dict:
+        """The settings as a JSON object (a job's run key, its summary)."""
         return asdict(self)
 
     @classmethod

@@ -41,6 +41,7 @@ class ObjectSpec:
     source_id: Union[int, str]
 
     def to_json(self) -> Dict[str, Any]:
+        """The prompt as JSON: ``box`` (XYXY pixels) and / or ``points`` with ``labels``."""
         p = self.prompt
         out: Dict[str, Any] = {}
         if p.box is not None:
@@ -65,6 +66,7 @@ class WorkItem:
     objects: Tuple[ObjectSpec, ...]
 
     def to_json(self) -> Dict[str, Any]:
+        """The image and its object prompts as JSON (the job's work list file)."""
         return {"image_id": self.image_id, "file_name": self.file_name, "width": self.width, "height": self.height,
                 "objects": [dict(o.to_json(), category_id=o.category_id, source_id=o.source_id)
                             for o in self.objects]}

@@ -79,11 +79,13 @@ class Journal:
         f.flush()  # a killed process loses nothing written: the OS holds it
 
     def append(self, record: Dict[str, Any]) -> None:
+        """Write one image's record (flushed to the file) and keep it in ``records``."""
         self._open()
         self._write(record)
         self.records[int(record["image_id"])] = record
 
     def close(self) -> None:
+        """Flush, fsync and close the file."""
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())

@@ -57,9 +57,11 @@ class OfflineSummary:
 
     @property
     def images_per_s(self) -> float:
+        """Images processed per second of the run."""
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> Dict[str, Any]:
+        """The summary as printed by ``--json``."""
         return {"output": str(self.output), "images": self.images, "already_done": self.already_done,
                 "processed": self.processed, "failed": len(self.failed), "objects": self.objects,
                 "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 3),
@@ -68,6 +70,7 @@ class OfflineSummary:
 
 
 def journal_path(output: Path) -> Path:
+    """The journal beside ``output`` (``<output>.journal.jsonl``)."""
     return Path(output).with_name(Path(output).name + ".journal.jsonl")
 
 
@@ -177,10 +180,12 @@ class ImagePipeline:
 
     @property
     def stage_s(self) -> Dict[str, float]:
+        """Seconds busy per stage: read, encode, decode + RLE + write, and waiting for the encoder."""
         return {"read": self.reader.busy_s, "encode": self.encoder.busy_s, "decode_rle_write": self.work_s,
                 "waited_for_encoder": self.encoder.waited_s}
 
     def close(self) -> None:
+        """Stop the encoder's background stage."""
         self.encoder.close()
 
 

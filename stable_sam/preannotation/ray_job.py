@@ -71,6 +71,7 @@ class RayUnavailable(InputError):
 
 
 def import_ray():
+    """The ``ray`` module; ``RayUnavailable`` saying how to install it when it is missing."""
     try:
         import ray
     except ImportError:
@@ -146,6 +147,8 @@ class ShardWorker:
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def run(self, shard: Sequence[WorkItem]) -> ShardResult:
+        """Pre-annotate ``shard`` on this worker: its records, the images that failed (id, reason)
+        and the seconds per stage."""
         pipeline = ImagePipeline(self.model, shard, **self.options)
         records: List[Dict[str, Any]] = []
         failed: List[Tuple[int, str]] = []
@@ -175,6 +178,7 @@ class RayStats:
     by_worker: Dict[int, int] = field(default_factory=dict)
 
     def ray_json(self) -> Dict[str, Any]:
+        """The cluster's part of the summary as JSON."""
         return {"workers": self.workers, "shard_size": self.shard_size, "device": self.device,
                 "startup_s": round(self.startup_s, 3), "retried_shards": self.retried_shards,
                 "lost_workers": self.lost_workers, "by_worker": {str(k): v for k, v in sorted(self.by_worker.items())}}
@@ -188,6 +192,7 @@ class RaySummary(OfflineSummary, RayStats):
     model_version: str = ""
 
     def to_json(self) -> Dict[str, Any]:
+        """The summary as printed by ``--json``: the single-machine fields, the model version, ``ray``."""
         return dict(super().to_json(), model_version=self.model_version, ray=self.ray_json())
 
 
@@ -276,108 +281,145 @@ class ShardPool(Generic[T]):
         self.lost_workers = 0  # workers dead for good
 
     def run(self, shards: Iterable[List[T]]) -> Iterator[Tuple[int, List[T], Any, Optional[str]]]:
-        from ray.exceptions import ActorDiedError, RayError, RayTaskError
+        """Every shard of ``shards`` once, as it comes back: ``(worker, shard, result, None)``, or
+        ``(worker, shard, None, reason)`` for one given up (worker -1: no worker was left)."""
+        from ray.exceptions import RayError, RayTaskError
 
-        ray, actors = self.ray, self.actors
-        fresh = iter(shards)
-        exhausted = False
-        # (shard, deaths so far, suspect: in flight at a death): retried ones first, then fresh ones
-        queue: Deque[Tuple[List[T], int, bool]] = deque()
-
-        def refill() -> bool:
-            """Whether a shard waits to be sent; reads the next fresh one when none does."""
-            nonlocal exhausted
-            if not queue and not exhausted:
-                shard = next(fresh, None)
-                if shard is None:
-                    exhausted = True
-                else:
-                    queue.append((shard, 0, False))
-            return bool(queue)
-        pending: Dict[Any, Tuple[int, Optional[Tuple[List[T], int, bool]]]] = {}  # ref -> (worker, shard | None: probe)
-        in_flight: List[List[Any]] = [[] for _ in actors]  # refs per worker, in the order it runs them
-        blamed: Dict[int, Any] = {}  # a worker that died -> the ref it was running then; no shards meanwhile
-        back: Set[int] = set()  # workers that died and answered their probe (restarted)
-        retired: Set[int] = set()  # dead for good
-        alone: Set[int] = set()  # workers running a suspect, which get nothing else meanwhile
-
-        def probe(w: int) -> None:
-            pending[actors[w].describe.remote()] = (w, None)
-
-        def running(refs: List[Any]) -> Any:
-            """The shard a dead worker was running: it runs them in the order sent, so the oldest
-            of its shards that did not come back fine (results may wait unread in ``pending``)."""
-            for r in refs:
-                if not ray.wait([r], timeout=0)[0]:
-                    return r
-                try:
-                    ray.get(r)
-                except RayError:
-                    return r
-            return refs[0]
-
-        def done(w: int, ref: Any) -> None:
-            in_flight[w].remove(ref)
-            if not in_flight[w]:
-                alone.discard(w)
-            if w in back and not in_flight[w]:  # restarted, and all it held before is accounted for
-                back.discard(w)
-                del blamed[w]
-
-        while refill() or any(in_flight):  # a probe alone does not keep the job waiting
-            for w in range(len(actors)):
-                while (w not in blamed and w not in retired and w not in alone and len(in_flight[w]) < IN_FLIGHT
-                       and refill() and not (queue[0][2] and in_flight[w])):
-                    shard = queue.popleft()
-                    ref = actors[w].run.remote(shard[0])
-                    pending[ref] = (w, shard)
-                    in_flight[w].append(ref)
-                    if shard[2]:
-                        alone.add(w)
-            if not pending:  # shards left, no worker left
-                while refill():
-                    yield -1, queue.popleft()[0], None, "no Ray worker left (all died): rerun to continue"
+        state: _PoolState[T] = _PoolState(self.ray, self.actors, shards)
+        while state.refill() or any(state.in_flight):  # a probe alone does not keep the job waiting
+            state.send()
+            if not state.pending:  # shards left, no worker left
+                while state.refill():
+                    yield -1, state.queue.popleft()[0], None, "no Ray worker left (all died): rerun to continue"
                 return
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            w, sent = pending.pop(ref)
+            (ref,), _ = self.ray.wait(list(state.pending), num_returns=1)
+            w, sent = state.pending.pop(ref)
             if sent is None:  # a probe: the worker is back, dead for good, or still restarting
-                try:
-                    ray.get(ref)
-                except ActorDiedError as e:
-                    retired.add(w)
-                    self.lost_workers += 1
-                    log.warning("Ray worker %d is gone: %s", w, _last_line(e))
-                except RayError:
-                    probe(w)
-                else:
-                    back.add(w)
-                    if not in_flight[w]:
-                        back.discard(w)
-                        del blamed[w]
+                self.lost_workers += state.probe_answered(w, ref)
                 continue
             try:
-                result = ray.get(ref)
+                result = self.ray.get(ref)
             except RayTaskError as e:  # the worker's code raised: a bug, not a death; not retried
-                done(w, ref)
+                state.done(w, ref)
                 yield w, sent[0], None, f"Ray worker {w}: {_last_line(e)}"
                 continue
             except RayError as e:  # the worker died (or its node)
-                if w not in blamed:  # the first news of this death
-                    blamed[w] = running(in_flight[w])
-                    probe(w)
-                shard, deaths, _ = sent
-                deaths += ref == blamed[w]
-                done(w, ref)
-                log.warning("Ray worker %d died with a shard of %d in hand: %s", w, len(shard), _last_line(e))
-                if deaths >= self.max_attempts:
-                    yield w, shard, None, (f"its Ray worker died {deaths} times running this shard "
-                                           f"(out of memory?): rerun to retry")
-                else:
-                    queue.appendleft((shard, deaths, True))
+                reason = state.died(w, ref, sent, e, self.max_attempts)
+                if reason is None:
                     self.retried += 1
+                else:
+                    yield w, sent[0], None, reason
                 continue
-            done(w, ref)
+            state.done(w, ref)
             yield w, sent[0], result, None
+
+
+# a shard in the queue: (shard, deaths so far, suspect: in flight at a death)
+_Queued = Tuple[List[T], int, bool]
+
+
+class _PoolState(Generic[T]):
+    """The bookkeeping of one ``ShardPool.run``: the shards waiting (retried ones first, then fresh
+    ones, read lazily), the calls in flight per worker, and what is known of each worker's deaths."""
+
+    def __init__(self, ray, actors: List[Any], shards: Iterable[List[T]]) -> None:
+        self.ray, self.actors = ray, actors
+        self.fresh = iter(shards)
+        self.exhausted = False
+        self.queue: Deque[_Queued] = deque()
+        self.pending: Dict[Any, Tuple[int, Optional[_Queued]]] = {}  # ref -> (worker, shard | None: probe)
+        self.in_flight: List[List[Any]] = [[] for _ in actors]  # refs per worker, in the order it runs them
+        self.blamed: Dict[int, Any] = {}  # a worker that died -> the ref it was running then; no shards meanwhile
+        self.back: Set[int] = set()  # workers that died and answered their probe (restarted)
+        self.retired: Set[int] = set()  # dead for good
+        self.alone: Set[int] = set()  # workers running a suspect, which get nothing else meanwhile
+
+    def refill(self) -> bool:
+        """Whether a shard waits to be sent; reads the next fresh one when none does."""
+        if not self.queue and not self.exhausted:
+            shard = next(self.fresh, None)
+            if shard is None:
+                self.exhausted = True
+            else:
+                self.queue.append((shard, 0, False))
+        return bool(self.queue)
+
+    def send(self) -> None:
+        """Fill every live worker up to ``IN_FLIGHT`` shards; a suspect goes only to an idle worker,
+        which then gets nothing else until it is back."""
+        for w in range(len(self.actors)):
+            while (w not in self.blamed and w not in self.retired and w not in self.alone
+                   and len(self.in_flight[w]) < IN_FLIGHT and self.refill()
+                   and not (self.queue[0][2] and self.in_flight[w])):
+                shard = self.queue.popleft()
+                ref = self.actors[w].run.remote(shard[0])
+                self.pending[ref] = (w, shard)
+                self.in_flight[w].append(ref)
+                if shard[2]:
+                    self.alone.add(w)
+
+    def probe(self, w: int) -> None:
+        """Ask worker ``w`` a cheap ``describe()``: its answer tells restarted from dead for good."""
+        self.pending[self.actors[w].describe.remote()] = (w, None)
+
+    def probe_answered(self, w: int, ref: Any) -> int:
+        """Worker ``w``'s probe came back: back (shards again once its old ones are accounted for),
+        dead for good (1 returned: one worker lost), or still restarting (probed again)."""
+        from ray.exceptions import ActorDiedError, RayError
+
+        try:
+            self.ray.get(ref)
+        except ActorDiedError as e:
+            self.retired.add(w)
+            log.warning("Ray worker %d is gone: %s", w, _last_line(e))
+            return 1
+        except RayError:
+            self.probe(w)
+        else:
+            self.back.add(w)
+            if not self.in_flight[w]:
+                self.back.discard(w)
+                del self.blamed[w]
+        return 0
+
+    def running(self, refs: List[Any]) -> Any:
+        """The shard a dead worker was running: it runs them in the order sent, so the oldest of
+        its shards that did not come back fine (results may wait unread in ``pending``)."""
+        from ray.exceptions import RayError
+
+        for r in refs:
+            if not self.ray.wait([r], timeout=0)[0]:
+                return r
+            try:
+                self.ray.get(r)
+            except RayError:
+                return r
+        return refs[0]
+
+    def done(self, w: int, ref: Any) -> None:
+        """``ref`` of worker ``w`` is accounted for."""
+        self.in_flight[w].remove(ref)
+        if not self.in_flight[w]:
+            self.alone.discard(w)
+        if w in self.back and not self.in_flight[w]:  # restarted, and all it held before is accounted for
+            self.back.discard(w)
+            del self.blamed[w]
+
+    def died(self, w: int, ref: Any, sent: _Queued, e: BaseException, max_attempts: int) -> Optional[str]:
+        """Worker ``w`` died with ``sent`` in hand: the shard goes back to the front of the queue as a
+        suspect (None returned), or, after ``max_attempts`` deaths while running it, is given up
+        (the reason returned). Only the shard the worker was running counts the death."""
+        if w not in self.blamed:  # the first news of this death
+            self.blamed[w] = self.running(self.in_flight[w])
+            self.probe(w)
+        shard, deaths, _ = sent
+        deaths += ref == self.blamed[w]
+        self.done(w, ref)
+        log.warning("Ray worker %d died with a shard of %d in hand: %s", w, len(shard), _last_line(e))
+        if deaths >= max_attempts:
+            return f"its Ray worker died {deaths} times running this shard (out of memory?): rerun to retry"
+        self.queue.appendleft((shard, deaths, True))
+        return None
 
 
 def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, png_dir: Optional[Path] = None,
