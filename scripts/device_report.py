@@ -20,14 +20,13 @@ measuring, keeps what it has and says ``cut_short``; one that fails says ``error
   boxes each (ViT-B) against the encoder's own limit; encode-ahead with and without the encoder's
   own CUDA stream, and serial;
 - ``rts``: one RTS epoch on N generated images (ViT-B): seconds, seconds per image;
-- ``train_small``: the small SAM's pretraining steps per second at the recipe's batch size;
 - ``decoder_compiled``: ``torch.compile`` of the decoder + plugin (ViT-H), plain against Stable-SAM,
   next to the same model eager in the same part. Last: compiling is the slowest and least certain.
 
 The JSON (``--out``) is written atomically before each part and at the end, so a run cut short
 still leaves every finished part's figures. ``--json`` prints it as the last line.
 
-Over 400 lines on purpose: the device machine gets one short prepared command, so the seven parts,
+Over 400 lines on purpose: the device machine gets one short prepared command, so the six parts,
 their caps and the atomic report live in one file that can be read top to bottom.
 """
 
@@ -57,22 +56,18 @@ from PIL import Image
 
 from stable_sam.timing import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
-                                     random_embedding, random_model, sync, time_encoder, time_job, time_plugin_parts,
-                                     time_pretrain_steps)
+                                     random_embedding, random_model, sync, time_encoder, time_job, time_plugin_parts)
 from stable_sam.build import build, resolve_device
 from stable_sam.checkpoint import atomic_write_json
 from stable_sam.data.synthetic import SyntheticScenes
 from stable_sam.embedding_cache import EmbeddingCache
 from stable_sam.model import StableSam
-from stable_sam.modeling.sam_tiny import build_sam_tiny
 from stable_sam.predictor import StableSamPredictor
-from stable_sam.pretrain import PretrainConfig
 from stable_sam.prompts import mask_to_box
 from stable_sam.rts import RTSConfig, train_plugin
-from stable_sam.settings import SAM_TINY_CHECKPOINT
 
 EXAMPLE = ROOT / "examples" / "scene.png"
-PARTS = ("encoder", "decoder", "app_click", "preannotate", "rts", "train_small", "decoder_compiled")
+PARTS = ("encoder", "decoder", "app_click", "preannotate", "rts", "decoder_compiled")
 
 
 @dataclass(frozen=True)
@@ -102,13 +97,11 @@ class Sizes:
     rts_arch: str = "vit_b"
     rts_images: int = 16
     rts_size: int = 1024
-    train_steps: int = 20
-    train_batch: int = PretrainConfig.batch_size  # the recipe's
     compile_arch: str = "vit_h"
     compile_backend: str = "inductor"
     compile_kinds: Tuple[str, ...] = ("box", "many_boxes")
     caps: Dict[str, float] = field(default_factory=lambda: {
-        "encoder": 90, "decoder": 90, "app_click": 45, "preannotate": 75, "rts": 45, "train_small": 30,
+        "encoder": 90, "decoder": 90, "app_click": 45, "preannotate": 75, "rts": 45,
         "decoder_compiled": 90})
     # The whole run (imports and CUDA start-up come on top, ~20 s): a part that would start with less
     # than half its cap left is skipped, and a part overruns its cap by at most one measurement.
@@ -123,7 +116,6 @@ QUICK = Sizes(
     preannotate_arch="sam_tiny", preannotate_images=2, preannotate_size=256, preannotate_boxes=2,
     preannotate_rounds=1,
     rts_arch="sam_tiny", rts_images=2, rts_size=256,
-    train_steps=1, train_batch=2,
     compile_arch="sam_tiny", compile_backend="eager", compile_kinds=("box",),
     caps={p: 60 for p in PARTS}, budget_s=300.0,
 )
@@ -451,23 +443,9 @@ def part_rts(p: Part) -> None:
                       "prompts_per_object": cfg.prompts_per_object, "images_per_step": cfg.images_per_step})
 
 
-def part_train_small(p: Part) -> None:
-    dev = p.device
-    sz = p.sizes
-    free(dev)
-    sam = build_sam_tiny(SAM_TINY_CHECKPOINT).to(dev)
-    cfg = dataclasses.replace(PretrainConfig(), batch_size=sz.train_batch)
-    times = time_pretrain_steps(sam, cfg, sz.train_steps, warmup=1, deadline=p.deadline)
-    model_s, scenes_s = statistics.mean(times.model_s), statistics.mean(times.scenes_s)
-    p.results.update({"batch_size": cfg.batch_size, "steps": len(times.model_s),
-                      "steps_per_s": round(1.0 / model_s, 3), "ms_per_step": round(1e3 * model_s, 2),
-                      "scene_generation_ms_per_step": round(1e3 * scenes_s, 2),
-                      "steps_per_s_with_generation": round(1.0 / (model_s + scenes_s), 3)})
-
-
 PART_FUNCTIONS: Dict[str, Callable[[Part], None]] = {
     "encoder": part_encoder, "decoder": part_decoder, "app_click": part_app_click, "preannotate": part_preannotate,
-    "rts": part_rts, "train_small": part_train_small, "decoder_compiled": part_decoder_compiled,
+    "rts": part_rts, "decoder_compiled": part_decoder_compiled,
 }
 
 

@@ -2,14 +2,14 @@
 objects, in the boundary band and far in the background (shares of object area), plus the ratios
 noisy-0.4 / GT box and 1 point / 3 points that tell whether a SAM fails like real SAM.
 
-    python scripts/failure_profile.py                    # shipped small SAM, region-world held-out
+    python scripts/failure_profile.py                    # shipped small SAM, held-out synthetic scenes
     python scripts/failure_profile.py --json             # ... and one JSON object as the last line
     python scripts/failure_profile.py --plugin checkpoints/plugin_sam_tiny_rts.pt   # with a plugin
-    python scripts/failure_profile.py --dataset regions:unseen     # shape families never trained on
     python scripts/failure_profile.py --model-type vit_l --checkpoint sam_vit_l_0b3195.pth \\
         --dataset DIS5K/DIS-VD --device cuda                          # real SAM on real data
 
-Reads every dataset the benchmark reads (``--dataset``) with the benchmark's seeded prompts.
+Reads every dataset the benchmark reads (``--dataset``) with the benchmark's seeded prompts. The
+region world and its region-fit oracle are research (``research/README.md``).
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from stable_sam.build import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import is_generated, open_dataset
-from stable_sam.data.synthetic_split import SyntheticSplit
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import ALL_TYPES, PROMPT_TYPES, ProtocolConfig
 from stable_sam.mask_errors import failure_profile, profile_table
-from stable_sam.world_oracle import region_fit_oracle
 
-DEFAULT_DATASET = "regions:heldout"
+DEFAULT_DATASET = "synthetic:heldout"
 DEFAULT_IMAGES = 60
 # Held-out scenes from 1000 on, as the benchmark: pretraining monitors the first 48.
 DEFAULT_SYNTHETIC_START = 1000
@@ -40,7 +38,7 @@ DEFAULT_SYNTHETIC_START = 1000
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=DEFAULT_DATASET,
-                    help="regions:heldout | regions:unseen | synthetic:heldout | a folder of images + mask "
+                    help="synthetic:heldout | a folder of images + mask "
                          "PNGs | a COCO instances .json | a Label Studio JSON export")
     ap.add_argument("--image-root", type=Path, default=None)
     ap.add_argument("--masks-dir", type=Path, default=None)
@@ -91,18 +89,10 @@ def main(argv=None) -> int:
     if neg:
         print(f"a negative click on a wrongly included region raised IoU in {neg['raised_share']} % of "
               f"{neg['cases']} cases (mean IoU {neg['iou_before']} -> {neg['iou_after']})")
-    # The region world also says what choosing among its regions alone costs (no network).
-    oracle = (region_fit_oracle(dataset, cfg)
-              if isinstance(dataset, SyntheticSplit) and str(args.dataset).startswith("regions:") else None)
-    if oracle:
-        print(f"region-fit oracle (a model that picks the region a prompt fits best; no network): "
-              f"mIoU {oracle['types']}; noisy-0.4 / GT box {oracle['noisy04_over_gt']}, 1 point / 3 points "
-              f"{oracle['point1_over_point3']}; {oracle['noisy04_other_region_share']} % of noisy-0.4 boxes "
-              f"fit another region best")
     if args.json:
         out = {k: profile[k] for k in ("types", "noisy04_over_gt", "point1_over_point3",
                                        "outside_box_share", "negative_click", "images", "objects")}
-        print(json.dumps({**out, "world_oracle": oracle}))
+        print(json.dumps(out))
     return 0
 
 

@@ -20,17 +20,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything.modeling import Sam
 
 from .build import build_sam
 from .data.dataset import Sample, SegmentationDataset, load_image
-from .data.synthetic import TRAIN_SEED, SyntheticScenes
+from .data.synthetic import SyntheticScenes
 from .data.synthetic_split import SyntheticSplit
 from .embedding_cache import EmbeddingCache
 from .model import ImageEmbedding, StableSam
 from .modeling.plugin import StableSamPlugin
 from .predictor import StableSamPredictor
-from .pretrain import PretrainConfig, batch_scenes, train_step
 from .preannotation import OfflineSummary, WorkList, items_from_coco, run_offline
 from .prompts import noisy_box
 
@@ -292,38 +290,3 @@ def generated_samples(count: int, size: int, seed: int = BENCH_SEED) -> InMemory
     """``count`` generated scenes of long side ``size`` that have objects, as a dataset."""
     split = SyntheticSplit(seed, 0, count, size)
     return InMemoryDataset([split[i] for i in range(count)], f"{split.description} at {size} px")
-
-
-@dataclass
-class TrainStepTimes:
-    """Seconds of each timed pretraining step: making its scenes (CPU) and the model's step."""
-
-    scenes_s: List[float]
-    model_s: List[float]
-
-
-def time_pretrain_steps(sam: Sam, cfg: PretrainConfig, steps: int, warmup: int = 1,
-                        deadline: Optional[float] = None) -> TrainStepTimes:
-    """The small SAM's pretraining step as ``pretrain_sam`` runs it (encoder, every prompt round,
-    backward, clipping, AdamW) at ``cfg.batch_size`` on generated training scenes; ``warmup`` steps
-    first, untimed. Stops early after ``deadline`` (a ``time.perf_counter`` value)."""
-    scenes = SyntheticScenes(seed=TRAIN_SEED + cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sam.train()
-    times = TrainStepTimes([], [])
-    device = sam.device
-    for step in range(warmup + steps):
-        t0 = time.perf_counter()
-        chosen = batch_scenes(scenes, step, cfg)
-        t1 = time.perf_counter()
-        train_step(sam, opt, chosen, cfg, rng)
-        sync(device)
-        t2 = time.perf_counter()
-        if step >= warmup:
-            times.scenes_s.append(t1 - t0)
-            times.model_s.append(t2 - t1)
-            if deadline is not None and t2 > deadline:
-                break
-    sam.eval()
-    return times

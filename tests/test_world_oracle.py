@@ -1,4 +1,4 @@
-"""The region-fit oracle: what choosing among a world's regions alone costs (stable_sam/world_oracle.py)."""
+"""The region-fit oracle: what choosing among a world's regions alone costs (research/world_oracle.py)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from stable_sam.data.sources import open_dataset
 from stable_sam.evaluation import ProtocolConfig
 from stable_sam.prompts import box_iou, mask_to_box
-from stable_sam.world_oracle import containing, region_fit, region_fit_oracle
+from research.world_oracle import containing, region_fit, region_fit_oracle
 
 
 def square(h, w, x0, y0, x1, y1):
