@@ -213,6 +213,34 @@ class StableSamBackend:
         (``backend/prefetch.py``) and the answer does not wait for the model. ``client_gone()``
         is asked before each task's work: True stops the request (``ClientGone``). ``tasks`` as
         one task object is read as a list of that one task (Label Studio's ML-backend tests send it)."""
+        tasks = self._checked_tasks(tasks)
+        config = label_config or (self._schemas.get(project_id(project)) if project_id(project) is not None else None)
+        cfg = self.label_config(config or "")
+        interactive = bool(context)  # null or {}: a batch call
+        if interactive:
+            regions = self._context_regions(context)
+        else:
+            prompts_by_task = [result_regions(task) for task in tasks]
+            if not any(results for results, _ in prompts_by_task):
+                return self._nothing_to_predict(cfg, tasks, prompts_by_task)
+        model = self.model
+        serving = self.serving(project if project_id(project) is not None else tasks[0].get("project"))
+        plugin = self.plugin_for(serving, model)
+        if not interactive:
+            return self._predict_stored_prompts(model, plugin, serving.version, cfg, tasks, prompts_by_task,
+                                                client_gone)
+        version = model_version(model.model_id, serving.version)
+        pid = project_id(project) if project_id(project) is not None else project_id(tasks[0].get("project"))
+        out: List[Any] = []
+        for done, task in enumerate(tasks):
+            self._stop_if_gone(client_gone, done, len(tasks))
+            out.append(self._predict_task(model, plugin, serving.version, cfg, task, regions,
+                                          memory_scope=(pid, version)))
+        return out
+
+    def _checked_tasks(self, tasks: Any) -> List[Dict[str, Any]]:
+        """``tasks`` as a non-empty list of task objects (one task object: a list of it); 400 when
+        it is not one, 413 past MAX_TASKS_PER_REQUEST."""
         if isinstance(tasks, dict):
             tasks = [tasks]
         if not isinstance(tasks, list) or not tasks:
@@ -224,36 +252,35 @@ class StableSamBackend:
         for i, t in enumerate(tasks):
             if not isinstance(t, dict) or not isinstance(t.get("data"), dict):
                 raise BadInput(f"tasks[{i}] must be an object with a 'data' object")
-        config = label_config or (self._schemas.get(project_id(project)) if project_id(project) is not None else None)
-        cfg = self.label_config(config or "")
-        interactive = bool(context)  # null or {}: a batch call
-        if interactive:
-            if not isinstance(context, dict) or "result" not in context:
-                raise BadInput("context must be an object with a 'result' list of keypoints / rectangles")
-            regions = self._regions(context["result"], "context.result")
-            if not regions:
-                raise BadInput("context.result has no keypoint or rectangle to prompt with")
-        else:
-            prompts_by_task = [result_regions(task) for task in tasks]
-            if not any(results for results, _ in prompts_by_task):
-                for task, (_, reason) in zip(tasks, prompts_by_task):
-                    log.info("task %s: no prediction: %s", short_repr(task.get("id"), 40), reason)
-                self.metrics.count("batch_tasks_skipped_total", len(tasks))
-                if len(tasks) == 1:
-                    self.prefetch(cfg, tasks[0])
-                return [NO_PREDICTION for _ in tasks]
-        model = self.model
-        serving = self.serving(project if project_id(project) is not None else tasks[0].get("project"))
-        plugin = self.plugin_for(serving, model)
-        version = model_version(model.model_id, serving.version)
+        return tasks
+
+    def _context_regions(self, context: Any) -> List[Region]:
+        """The prompt regions of an interactive call's ``context`` (400 when it has none)."""
+        if not isinstance(context, dict) or "result" not in context:
+            raise BadInput("context must be an object with a 'result' list of keypoints / rectangles")
+        regions = self._regions(context["result"], "context.result")
+        if not regions:
+            raise BadInput("context.result has no keypoint or rectangle to prompt with")
+        return regions
+
+    def _nothing_to_predict(self, cfg: ParsedConfig, tasks: List[Dict[str, Any]],
+                            prompts_by_task: List[Tuple[List[Dict[str, Any]], str]]) -> List[Any]:
+        """A batch call whose tasks hold no prompts: no prediction for any; a single task is being
+        opened, so its image is prefetched."""
+        for task, (_, reason) in zip(tasks, prompts_by_task):
+            log.info("task %s: no prediction: %s", short_repr(task.get("id"), 40), reason)
+        self.metrics.count("batch_tasks_skipped_total", len(tasks))
+        if len(tasks) == 1:
+            self.prefetch(cfg, tasks[0])
+        return [NO_PREDICTION for _ in tasks]
+
+    def _predict_stored_prompts(self, model: StableSam, plugin: Optional[StableSamPlugin], plugin_version: str,
+                                cfg: ParsedConfig, tasks: List[Dict[str, Any]],
+                                prompts_by_task: List[Tuple[List[Dict[str, Any]], str]],
+                                client_gone: Optional[Callable[[], bool]]) -> List[Any]:
+        """A batch call: each task's prediction from its own stored prompts; a task without any, or
+        whose prompts or image fail, gets no prediction and a log line."""
         out: List[Any] = []
-        if interactive:
-            pid = project_id(project) if project_id(project) is not None else project_id(tasks[0].get("project"))
-            for done, task in enumerate(tasks):
-                self._stop_if_gone(client_gone, done, len(tasks))
-                out.append(self._predict_task(model, plugin, serving.version, cfg, task, regions,
-                                              memory_scope=(pid, version)))
-            return out
         for done, (task, (results, source)) in enumerate(zip(tasks, prompts_by_task)):
             self._stop_if_gone(client_gone, done, len(tasks))
             tid = short_repr(task.get("id"), 40)
@@ -263,7 +290,7 @@ class StableSamBackend:
                 out.append(NO_PREDICTION)
                 continue
             try:
-                out.append(self._predict_task(model, plugin, serving.version, cfg, task,
+                out.append(self._predict_task(model, plugin, plugin_version, cfg, task,
                                               self._regions(results, source)))
                 log.info("task %s: prompts from %s", tid, source)
             except BadInput as e:
