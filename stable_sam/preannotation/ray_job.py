@@ -422,6 +422,31 @@ class _PoolState(Generic[T]):
         return None
 
 
+def _todo(work: WorkList, journal: Journal, limit: Optional[int]) -> List[WorkItem]:
+    """The work items the journal does not hold yet (at most ``limit``), their paths absolute:
+    the workers may run elsewhere."""
+    todo = [dataclasses.replace(it, path=Path(it.path).absolute())
+            for it in work.items if it.image_id not in journal.records]
+    return todo if limit is None else todo[:max(limit, 0)]
+
+
+def _record_shard(summary: RaySummary, journal: Journal, failed: Dict[int, str], worker: int,
+                  shard: List[WorkItem], result: Optional[ShardResult], reason: Optional[str]) -> None:
+    """A shard came back (``result``) or was given up (``reason``): its records into the journal
+    (flushed line by line: a killed driver keeps them), its failures into ``failed`` (image id ->
+    reason), its counts and stage times into ``summary``."""
+    if result is None:
+        failed.update((it.image_id, reason or "") for it in shard)
+        return
+    for record in result.records:
+        journal.append(record)
+    failed.update(result.failed)
+    for k, v in result.stage_s.items():
+        summary.stage_s[k] = summary.stage_s.get(k, 0.0) + v
+    summary.processed += len(result.records)
+    summary.by_worker[worker] = summary.by_worker.get(worker, 0) + len(result.records)
+
+
 def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, png_dir: Optional[Path] = None,
                     auto: Optional[AutoConfig] = None, auto_label: str = DEFAULT_LABEL, limit: Optional[int] = None,
                     fresh: bool = False, workers: Optional[int] = None, shard_size: int = 16,
@@ -461,10 +486,7 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
         log.info("%d Ray worker(s) ready in %.1f s: %s", workers, summary.startup_s, described)
         journal = Journal(journal_path(output), run_key(version, work, auto, png_dir, min_region_px), fresh=fresh)
         summary.already_done = sum(1 for it in work.items if it.image_id in journal.records)
-        todo = [dataclasses.replace(it, path=Path(it.path).absolute())  # workers may run elsewhere
-                for it in work.items if it.image_id not in journal.records]
-        if limit is not None:
-            todo = todo[:max(limit, 0)]
+        todo = _todo(work, journal, limit)
         pool: ShardPool[WorkItem] = ShardPool(ray, actors, max_attempts)
         failed: Dict[int, str] = {}
         run_start = time.perf_counter()
@@ -473,16 +495,7 @@ def run_offline_ray(model_factory: ModelFactory, work: WorkList, output: Path, p
                       disable=not progress, smoothing=0.1) as bar:
                 for w, shard, result, reason in pool.run([todo[i:i + shard_size]
                                                           for i in range(0, len(todo), shard_size)]):
-                    if result is None:
-                        failed.update((it.image_id, reason or "") for it in shard)
-                    else:
-                        for record in result.records:  # flushed line by line: a killed driver keeps them
-                            journal.append(record)
-                        failed.update(result.failed)
-                        for k, v in result.stage_s.items():
-                            summary.stage_s[k] = summary.stage_s.get(k, 0.0) + v
-                        summary.processed += len(result.records)
-                        summary.by_worker[w] = summary.by_worker.get(w, 0) + len(result.records)
+                    _record_shard(summary, journal, failed, w, shard, result, reason)
                     bar.update(len(shard))
                     bar.set_postfix(failed=len(failed), retried=pool.retried, refresh=False)
         finally:
