@@ -64,6 +64,8 @@ class _Families:
 
 
 class Metrics:
+    """The backend's counters (prometheus_client), shared by the processes of a gunicorn server
+    through PROMETHEUS_MULTIPROC_DIR when it is set."""
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._registry = CollectorRegistry(auto_describe=True)
@@ -85,6 +87,7 @@ class Metrics:
         return counter
 
     def count(self, name: str, value: float = 1.0, **labels: Any) -> None:
+        """Add ``value`` to counter ``name`` (made on first use) with ``labels``."""
         counter = self._counter(name, tuple(sorted(labels)))
         (counter.labels(**{k: str(v) for k, v in labels.items()}) if labels else counter).inc(value)
 

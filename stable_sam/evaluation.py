@@ -63,6 +63,8 @@ def protocol_prompts(mask: np.ndarray, prompt_type: str, n: int, rng: np.random.
 
 
 def prompt_rng(seed: int, image_index: int, object_index: int, prompt_type: str) -> np.random.Generator:
+    """The generator of one object's prompts of one type: seeded by (seed, image, object, type), so
+    every model and every run draws the same prompts."""
     return np.random.default_rng([seed, image_index, object_index, _TYPE_IDS[prompt_type]])
 
 
@@ -79,6 +81,8 @@ def protocol_samples(dataset: SegmentationDataset, cfg: "ProtocolConfig", desc: 
 
 @dataclass
 class ProtocolConfig:
+    """The evaluation protocol: prompts per object and type, their seed, the boundary band (share of
+    the image diagonal) of boundary IoU, the prompt types, and the figure's cases."""
     prompts_per_object: int = 20
     seed: int = 0
     boundary_ratio: float = 0.02
@@ -127,9 +131,11 @@ class OffsetMeter:
         self.count += offsets.shape[0] * offsets.shape[1] * offsets.shape[2]
 
     def close(self) -> None:
+        """Remove the hook from the plugin."""
         self._handle.remove()
 
     def summary(self) -> Dict[str, float]:
+        """The mean offset length in feature cells and the share of offset components within 5 % of the tanh bound."""
         n = max(self.count, 1)
         return {"mean_cells": round(self.length_sum / n, 4), "at_bound_share": round(self.at_bound / (2 * n), 4)}
 

@@ -178,6 +178,8 @@ def parse_region(item: Any, index: int) -> Optional[Region]:
 
 
 def parse_regions(results: Any, source: str = "context.result") -> List[Region]:
+    """The prompt regions (keypoints, rectangles) of a list of Label Studio results; other result
+    types are skipped. ``RegionError`` (naming ``source``) for a list or region it cannot read."""
     if not isinstance(results, list):
         raise RegionError(f"{source} must be a list of regions, got {type(results).__name__}")
     return [r for r in (parse_region(item, i) for i, item in enumerate(results)) if r is not None]
