@@ -35,6 +35,7 @@ RECOMMENDED_CONFIG = recommended_config()
 
 
 def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--clicks", type=int, default=5, help="clicks per image (the first one encodes)")

@@ -53,6 +53,8 @@ def farthest_inside(region: np.ndarray) -> Tuple[float, float]:
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[Tuple[float, float], bool]:
+    """Where an annotator clicks next: deep inside the larger error region (missed or spilled);
+    the point (x, y) and whether the click is positive."""
     missed, spilled = gt & ~pred, pred & ~gt
     if missed.sum() >= spilled.sum():
         return farthest_inside(missed if missed.any() else gt), True
@@ -61,6 +63,7 @@ def next_click(pred: np.ndarray, gt: np.ndarray) -> Tuple[Tuple[float, float], b
 
 def session(backend: StableSamBackend, image_path: Path, gt: np.ndarray, task_id: int, clicks: int,
             config: str) -> List[float]:
+    """One object's click session through the backend: IoU with ``gt`` after each of ``clicks`` clicks."""
     h, w = gt.shape
     regions: List[dict] = []
     ious: List[float] = []
@@ -80,6 +83,7 @@ def session(backend: StableSamBackend, image_path: Path, gt: np.ndarray, task_id
 
 
 def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=30, help="held-out scenes (every object of each is clicked)")
     ap.add_argument("--clicks", type=int, default=5)

@@ -38,6 +38,7 @@ DEFAULT_TYPES = ("sam_tiny", "vit_b", "sam2.1_hiera_tiny", "sam2.1_hiera_small")
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
@@ -77,6 +78,7 @@ def measure(model_type: str, device: torch.device, images: int, rounds: int) -> 
 
 
 def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES), help=f"comma-separated, of {', '.join(MODEL_TYPES)}")
     ap.add_argument("--images", type=int, default=3, help="timed encoder passes per type")

@@ -50,6 +50,7 @@ DEFAULTS = BackendSettings()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", action="append", type=Path, default=None,
                     help="a folder of images + mask PNGs (repeatable; default: ../shared/data/real/ccp-heldout "
@@ -79,6 +80,7 @@ def _numbers(text: str, kind=float) -> List:
 
 
 def main(argv=None) -> int:
+    """Run the benchmark (``--help``) and print its figures."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

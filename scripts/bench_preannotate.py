@@ -43,6 +43,7 @@ def time_encoder(model, paths) -> float:
 
 
 def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_folder_args(ap, images=40)
     ap.add_argument("--rounds", type=int, default=3)

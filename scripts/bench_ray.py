@@ -36,6 +36,7 @@ from stable_sam.preannotation.ray_job import run_offline_ray
 
 
 def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_folder_args(ap, images=64)
     ap.add_argument("--rounds", type=int, default=3)

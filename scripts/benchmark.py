@@ -39,6 +39,7 @@ DEFAULT_SYNTHETIC_START = 1000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="synthetic:heldout",
                     help="synthetic:heldout | regions:heldout | regions:unseen | a folder of images + mask PNGs | "
@@ -72,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run the benchmark (``--help``); the exit code (2: bad input)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -139,10 +139,12 @@ def free(device: torch.device) -> None:
 
 
 def peak_mib(device: torch.device) -> Optional[float]:
+    """The peak GPU memory allocated on ``device`` in MiB (None on CPU)."""
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
 
 
 def reset_peak(device: torch.device) -> None:
+    """Reset the peak GPU memory statistic of ``device`` (nothing on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -172,6 +174,7 @@ class Part:
 # -- the parts -----------------------------------------------------------------------------------
 
 def part_encoder(p: Part) -> None:
+    """The ``encoder`` part: image encoder ms per image, fp32 and bf16, peak memory."""
     dev = p.device
     bf16 = torch.bfloat16
     for arch in p.sizes.encoder_archs:
@@ -210,6 +213,7 @@ def part_encoder(p: Part) -> None:
 
 
 def part_decoder(p: Part) -> None:
+    """The ``decoder`` part: ms per prompt, plain SAM and Stable-SAM, per prompt kind."""
     dev = p.device
     sz = p.sizes
     for arch in sz.decoder_archs:
@@ -287,6 +291,7 @@ def part_decoder_compiled(p: Part) -> None:
 
 
 def part_app_click(p: Part) -> None:
+    """The ``app_click`` part: a cached click through the Flask app against the bare predictor."""
     from backend.app import create_app
     from backend.ml_backend import StableSamBackend
     from backend.testing.label_studio_regions import click_session, predict_payload, predict_regions, recommended_config
@@ -368,6 +373,7 @@ def part_app_click(p: Part) -> None:
 
 
 def part_preannotate(p: Part) -> None:
+    """The ``preannotate`` part: the offline job's images per second against the encoder's limit."""
     dev = p.device
     sz = p.sizes
     free(dev)
@@ -413,6 +419,7 @@ def part_preannotate(p: Part) -> None:
 
 
 def part_rts(p: Part) -> None:
+    """The ``rts`` part: one RTS epoch, seconds per image."""
     dev = p.device
     sz = p.sizes
     free(dev)
@@ -452,6 +459,7 @@ PART_FUNCTIONS: Dict[str, Callable[[Part], None]] = {
 # -- the run -------------------------------------------------------------------------------------
 
 def device_info(device: torch.device) -> Dict[str, Any]:
+    """The device, torch and Python versions (and the GPU's name and memory)."""
     info: Dict[str, Any] = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
                             "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -579,6 +587,7 @@ def table(report: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the report (``--help``): each part in turn, the JSON written after each."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N, cpu")
     ap.add_argument("--quick", action="store_true", help="every part on tiny sizes (CI; the figures mean nothing)")

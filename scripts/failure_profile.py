@@ -36,6 +36,7 @@ DEFAULT_SYNTHETIC_START = 1000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=DEFAULT_DATASET,
                     help="synthetic:heldout | a folder of images + mask "
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Print the failure profile (``--help``); the exit code (2: bad input)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

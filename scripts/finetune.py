@@ -46,6 +46,7 @@ DEFAULT_TRAIN_IMAGES = 600
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=None,
                     help="synthetic:train (default) | a folder of images + mask PNGs | COCO .json | "
@@ -191,6 +192,7 @@ def adapt_main(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv=None) -> int:
+    """Run RTS and write the plugin (``--help``); the exit code (2: bad input)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -88,6 +88,7 @@ def _print_failures(failed, what: str) -> None:
 
 
 def cmd_offline(args) -> int:
+    """``preannotate offline``: an image folder (COCO or CSV prompts) to COCO JSON; the exit code."""
     if args.coco and args.csv:
         raise InputError("give --coco or --csv, not both")
     if args.coco:
@@ -151,6 +152,7 @@ def _on_ray_options(args) -> dict:
 
 
 def cmd_label_studio(args) -> int:
+    """``preannotate label-studio``: a Label Studio project's tasks to predictions; the exit code."""
     from backend.label_studio import connect
     from backend.ml_backend import StableSamBackend
     from backend.project_preannotation import run_label_studio
@@ -209,6 +211,7 @@ def _label_studio_on_ray(args, client, settings: BackendSettings) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: the ``offline`` and ``label-studio`` modes and their options."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -263,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the mode the command line names; the exit code (2: bad input)."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING").upper(),
                         format="%(levelname)s %(name)s: %(message)s")

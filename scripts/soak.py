@@ -64,6 +64,7 @@ class Body:
 
 
 def predict(image: str, regions: List[dict], task_id: int = 1, config: Any = RECOMMENDED_CONFIG, **extra) -> dict:
+    """A /predict body of one task (``image``) with ``regions`` as the click context."""
     out = {"tasks": [{"id": task_id, "data": {"image": image}}], "project": "1.1700000000", "label_config": config,
            "params": {"context": {"result": regions}}}
     out.update(extra)
@@ -71,6 +72,7 @@ def predict(image: str, regions: List[dict], task_id: int = 1, config: Any = REC
 
 
 def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` (H x W x 3 uint8) as PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
@@ -138,6 +140,7 @@ def make_bodies(root: Path, images: int) -> Tuple[List[Body], List[Body]]:
 
 
 def send(session: requests.Session, url: str, body: Body) -> Tuple[int, Optional[dict], float]:
+    """POST ``body`` to ``url``: the status, the JSON answer (None when not JSON) and the seconds."""
     t = time.perf_counter()
     kwargs: Dict[str, Any] = {"timeout": 120}
     headers = {"Connection": "close"} if body.close else {}
@@ -157,6 +160,7 @@ def send(session: requests.Session, url: str, body: Body) -> Tuple[int, Optional
 
 
 def masks_of(data: Optional[dict]) -> Optional[List[str]]:
+    """The brush RLEs of a /predict answer (each as JSON text), None when it holds no results list."""
     if not data or not isinstance(data.get("results"), list):
         return None
     out = []
@@ -167,6 +171,7 @@ def masks_of(data: Optional[dict]) -> Optional[List[str]]:
 
 
 def loopback_only(url: str) -> None:
+    """Refuse (SystemExit) a ``--url`` outside loopback: the soak sends hostile bodies."""
     host = urlparse(url).hostname or ""
     try:
         ok = ipaddress.ip_address(host).is_loopback
@@ -190,6 +195,7 @@ def worker_pid(master: int) -> Optional[int]:
 
 
 def peak_rss_mb(pid: Optional[int]) -> Optional[float]:
+    """The peak resident memory of process ``pid`` in MB (None when unknown)."""
     if pid is None:
         return None
     try:
@@ -202,10 +208,12 @@ def peak_rss_mb(pid: Optional[int]) -> Optional[float]:
 
 
 def percentile(values: List[float], q: float) -> float:
+    """The ``q`` percentile of ``values`` (0 for none)."""
     return float(np.percentile(values, q)) if values else 0.0
 
 
 def main() -> None:
+    """Run the soak (``--help``) and print its summary."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--requests", type=int, default=50, help="requests per thread")

@@ -14,15 +14,18 @@ from PIL import Image, ImageDraw, ImageFilter
 
 @dataclass
 class DrawnScene:
+    """A drawn image and its objects' masks and tight boxes."""
     image: np.ndarray  # H x W x 3 uint8
     masks: List[np.ndarray]  # H x W bool, one per object
     boxes: List[Tuple[int, int, int, int]]  # tight XYXY
 
     @property
     def size(self) -> Tuple[int, int]:
+        """(width, height)."""
         return self.image.shape[1], self.image.shape[0]
 
     def png(self) -> bytes:
+        """The image as PNG bytes."""
         buf = io.BytesIO()
         Image.fromarray(self.image).save(buf, format="PNG")
         return buf.getvalue()

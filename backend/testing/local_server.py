@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,12 +34,14 @@ class Process:
                                      start_new_session=True)
 
     def log_tail(self, n: int = 4000) -> str:
+        """The last ``n`` characters of the process's log."""
         try:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
 
     def wait_http(self, url: str, timeout: float) -> None:
+        """Wait until ``url`` answers; RuntimeError with the log if the process exits or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -52,6 +55,7 @@ class Process:
         raise RuntimeError(f"{self.name} did not answer {url} within {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        """SIGTERM its process group; SIGKILL if it is not gone within 15 s."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

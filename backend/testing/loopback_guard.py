@@ -37,6 +37,7 @@ class OutsideLoopback(ConnectionRefusedError):
 
 
 def is_loopback(address: str) -> bool:
+    """Whether ``address`` (IPv4, IPv6, an IPv4-mapped IPv6) is in 127.0.0.0/8 or ::1."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -85,6 +86,7 @@ def install() -> None:
 
 
 def uninstall() -> None:
+    """Put the original ``socket.connect`` / ``connect_ex`` back."""
     global _original
     if _original is not None:
         socket.socket.connect, socket.socket.connect_ex = _original
