@@ -1,4 +1,4 @@
-"""What the server (``backend/jobs.py``) and a training job (``backend/training.py``) share: where
+"""What the server (``backend/jobs.py``) and a training job (``backend/training_job.py``) share: where
 a job's status file lives, how the job finds its inherited lock, and the timestamps both write."""
 
 from __future__ import annotations

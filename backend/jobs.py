@@ -1,8 +1,8 @@
 """Training jobs as subprocesses: one per project at a time, visible, cancellable, crash-proof.
 
-``JobManager.start(project)`` answers at once: it starts ``python -m backend.training`` (the
+``JobManager.start(project)`` answers at once: it starts ``python -m backend.training_job`` (the
 server's settings in its environment, output to ``MODEL_DIR/jobs/<job id>.log``) and returns the
-job id. The job reports in ``MODEL_DIR/jobs/<job id>.json`` (``backend/training.py``). A job that
+job id. The job reports in ``MODEL_DIR/jobs/<job id>.json`` (``backend/training_job.py``). A job that
 is killed or runs out of memory takes nothing else down, and leaves the previous version serving.
 
 Several gunicorn workers agree through files under ``MODEL_DIR/jobs/`` with ``fcntl.flock``:
@@ -69,8 +69,8 @@ class JobManager:
 
     @staticmethod
     def default_command(project: int, job_id: str) -> List[str]:
-        """The training job's command line: ``python -m backend.training --project N --job-id ID``."""
-        return [sys.executable, "-m", "backend.training", "--project", str(project), "--job-id", job_id]
+        """The training job's command line: ``python -m backend.training_job --project N --job-id ID``."""
+        return [sys.executable, "-m", "backend.training_job", "--project", str(project), "--job-id", job_id]
 
     # -- files and locks ---------------------------------------------------------------------------
     def _path(self, project: int, suffix: str) -> Path:

@@ -143,7 +143,7 @@ def live_project_dataset(args: argparse.Namespace) -> SegmentationDataset:
     talks to Label Studio; an export needs only the library)."""
     from backend.errors import BadInput
     from backend.server_settings import BackendSettings
-    from backend.training import project_dataset
+    from backend.training_job import project_dataset
 
     settings = BackendSettings(label_studio_url=args.label_studio_url.rstrip("/"),
                                label_studio_api_key=os.environ.get("LABEL_STUDIO_API_KEY", "").strip())

@@ -14,7 +14,7 @@ one broken task must not stop a project's training.
 serves (or the model's own), ``adapt``, write the new version atomically into the store (and point
 the scope at it) or to a file. ``export_dataset`` reads a Label Studio JSON export with the
 annotators' prompts. The backend's training job runs the same workflow on a live project's labels
-(``backend/training.py``); ``scripts/finetune.py`` runs it on an export.
+(``backend/training_job.py``); ``scripts/finetune.py`` runs it on an export.
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ def test_settings_and_project_ids(monkeypatch):
 
 FAKE_JOB = textwrap.dedent("""
     import os, signal, sys, time
-    from backend.training import Cancelled, JobReporter, job_status_path, utc_now
+    from backend.training_job import Cancelled, JobReporter, job_status_path, utc_now
     job_id, seconds = sys.argv[1], float(sys.argv[2])
     r = JobReporter(job_status_path(os.environ["MODEL_DIR"], job_id), echo=lambda s: None)
     signal.signal(signal.SIGTERM, r.on_sigterm)
@@ -437,7 +437,7 @@ def test_every_n_annotations_start_a_job(tmp_path, tiny_model):
 
 @pytest.mark.slow  # starts training jobs (subprocesses)
 def test_start_training_webhook_runs_a_job_and_the_new_version_serves(tmp_path, media, tiny_model):
-    """START_TRAINING -> 201 at once -> a real job (python -m backend.training, labels from an
+    """START_TRAINING -> 201 at once -> a real job (python -m backend.training_job, labels from an
     export instead of the live project) -> new version activated -> served without a restart."""
     media_dir, scenes = media
     tasks = [{"id": i + 1, "data": {"image": f"/data/upload/1/s{i}.png"},

@@ -190,7 +190,7 @@ def test_the_check_sees_imports():
     """The graph is not empty by mistake: known edges, a lazy import and a relative one are there."""
     g = graph()
     assert "stable_sam.model" in g["stable_sam.predictor"]
-    assert "backend.training" in g["stable_sam_cli.finetune"]  # imported inside a function
+    assert "backend.training_job" in g["stable_sam_cli.finetune"]  # imported inside a function
     assert "stable_sam.data.dataset" in g["stable_sam.data.coco"]
     assert "backend.testing.local_server" in g["stable_sam_cli.soak"]
     assert cycles({"a.x": {"a.y"}, "a.y": {"a.x"}, "a": set()}, "a") == [["a.x", "a.y"]]

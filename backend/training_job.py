@@ -1,6 +1,6 @@
 """A server training job: adapting a Label Studio project's plugin to its labels.
 
-``python -m backend.training --project N --job-id ID`` is what the server starts for
+``python -m backend.training_job --project N --job-id ID`` is what the server starts for
 START_TRAINING (``backend/jobs.py``), with the server's settings in its environment. It fetches
 the project's annotated tasks (``project_dataset``: label-studio-sdk, images through the backend's
 ``ImageLoader``) and runs the library's workflow (``stable_sam.adaptation.run_adaptation``): the
