@@ -186,6 +186,8 @@ class LimitedSession(requests.Session):
         self.mount("https://", adapter)
 
     def get(self, url, **kwargs):  # noqa: D401 - requests' signature
+        """``requests``' GET, streamed and read whole within the download's deadline; an answer whose
+        Content-Length or body passes MAX_IMAGE_MB is ``ImageTooLarge``."""
         kwargs.setdefault("timeout", max(min(self.timeout, self.download.remaining()), 0.001))
         kwargs["stream"] = True
         r = super().get(url, **kwargs)
