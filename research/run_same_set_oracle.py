@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import research.region_world  # noqa: F401 - registers the "regions" world
 from research.same_set_oracle import attention_finetuned, attention_module, fit_plugin
 from stable_sam.build import build
 from stable_sam.data.dataset import DatasetError

@@ -28,6 +28,7 @@ from typing import Dict, List
 
 import numpy as np
 
+import research.region_world  # noqa: F401 - registers the "regions" world
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import open_dataset
 from stable_sam.data.synthetic_split import SyntheticSplit

@@ -96,7 +96,7 @@ def resolve_sam_checkpoint(model_type: str, sam_checkpoint: Optional[Union[str, 
     if model_type == "sam_tiny":
         if not SAM_TINY_CHECKPOINT.is_file():
             raise CheckpointError(f"the small SAM checkpoint {SAM_TINY_CHECKPOINT} is missing; it ships with "
-                                  f"the repository, or retrain it with scripts/train_small_sam.py")
+                                  f"the repository, or retrain it with training/train_small_sam.py")
         return SAM_TINY_CHECKPOINT
     if model_type not in OFFICIAL_CHECKPOINTS:
         raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {MODEL_TYPES}")

@@ -33,6 +33,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class OfficialCheckpoint:
+    """An official SAM checkpoint: its file name, URL, SHA-256 and size where published."""
     filename: str
     url: str
     sha256: Optional[str]  # None: not published (SAM 2.1)
@@ -65,6 +66,7 @@ OFFICIAL_CHECKPOINTS: Dict[str, OfficialCheckpoint] = {
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

@@ -25,6 +25,7 @@ def _env_path(name: str) -> Optional[Path]:
 
 @dataclass(frozen=True)
 class ModelSettings:
+    """The model's settings, each field's environment variable in its comment (``from_env``)."""
     model_dir: Path = DEFAULT_MODEL_DIR  # MODEL_DIR: downloads, plugin versions, embedding store
     device: str = "auto"  # DEVICE: auto | cpu | cuda | cuda:N
     # SAM_MODEL_TYPE: sam_tiny | vit_b | vit_l | vit_h (segment_anything) | sam2.1_hiera_tiny | sam2.1_hiera_small
@@ -44,6 +45,7 @@ class ModelSettings:
 
     @classmethod
     def from_env(cls) -> "ModelSettings":
+        """The settings from the environment (an unset variable: its default)."""
         env = os.environ
         plugin_env = env.get("PLUGIN_CHECKPOINT", "").strip()
         return cls(

@@ -44,7 +44,7 @@ def test_box_prompts_segment_the_drawn_objects(predictor, heldout):
                     if g.sum() >= 1500 and k in ("ellipse", "polygon", "rectangle")]
     print(f"box mIoU over {len(scores)} held-out objects: {np.mean(scores):.3f}, "
           f"over {len(compact)} large compact ones: {np.mean(compact):.3f}")
-    # The small SAM's held-out box mIoU is 0.685 (scripts/eval_small_sam.py); a random box-shaped
+    # The small SAM's held-out box mIoU is 0.685 (training/eval_small_sam.py); a random box-shaped
     # guess scores far lower, and large compact objects are segmented well.
     assert np.mean(scores) > 0.5
     assert len(compact) >= 5 and np.mean(compact) > 0.7

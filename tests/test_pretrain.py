@@ -12,7 +12,7 @@ import torch
 from stable_sam.data.synthetic import TRAIN_SEED, SyntheticScenes
 from stable_sam.modeling.batched_decode import decode_on_own_images
 from stable_sam.modeling.sam_tiny import build_sam_tiny
-from stable_sam.pretrain import PretrainConfig, image_to_tensor, refine_patch_grid, save_sam_fp16, step_loss
+from training.pretrain import PretrainConfig, image_to_tensor, refine_patch_grid, save_sam_fp16, step_loss
 
 
 def test_multimask_prompts_of_two_images_decode_like_one_image_at_a_time():
@@ -92,8 +92,9 @@ def test_refining_a_coarse_model_keeps_what_its_weights_mean():
 
 
 def test_scenes_drawn_ahead_in_workers_are_the_loops_own_batches():
+    import research.region_world  # noqa: F401 - registers the "regions" world
     from stable_sam.data.synthetic_split import world_scenes
-    from stable_sam.pretrain import batch_scenes, scene_batches
+    from training.pretrain import batch_scenes, scene_batches
 
     cfg = replace(PretrainConfig(), batch_size=3, steps=5, world="regions")
     scenes = world_scenes("regions", "train")
@@ -122,7 +123,7 @@ def test_sam_box_jitter_is_capped_in_pixels():
 
 
 def test_a_state_saved_before_a_knob_existed_resumes(tmp_path):
-    from stable_sam.pretrain import pretrain_sam, training_state_path
+    from training.pretrain import pretrain_sam, training_state_path
 
     cfg = replace(PretrainConfig(), steps=1, batch_size=1, masks_per_image=1, iterations=1,
                   eval_every=1000, eval_images=1, checkpoint_every=1)
@@ -161,7 +162,7 @@ def test_the_committed_photos_read_as_a_folder_set_of_parts_and_wholes():
 
 def test_augmented_photo_scenes_are_seeded_by_index_and_keep_masks_on_their_pixels():
     from stable_sam.data.dataset import Sample, SegmentationDataset
-    from stable_sam.data.photo_scenes import MIN_TARGET_AREA, PhotoScenes
+    from training.photo_scenes import MIN_TARGET_AREA, PhotoScenes
 
     class Painted(SegmentationDataset):  # objects painted in pure colours: a mask must stay on its colour
         def __len__(self):
@@ -204,7 +205,7 @@ def test_augmented_photo_scenes_are_seeded_by_index_and_keep_masks_on_their_pixe
 
 
 def test_pretraining_on_photos_keeps_the_validation_photos_out(tmp_path):
-    from stable_sam.pretrain import training_scenes
+    from training.pretrain import training_scenes
 
     cfg = replace(PretrainConfig(), world="photos", photos=str(PHOTOS), val_per_set=1)
     train, val = training_scenes(cfg, 256)
@@ -215,7 +216,7 @@ def test_pretraining_on_photos_keeps_the_validation_photos_out(tmp_path):
 
 
 def test_a_photo_training_run_steps_and_saves_a_model_of_its_input_size(tmp_path):
-    from stable_sam.pretrain import pretrain_sam
+    from training.pretrain import pretrain_sam
 
     cfg = replace(PretrainConfig(), world="photos", photos=str(PHOTOS), val_per_set=1, steps=2, batch_size=1,
                   masks_per_image=2, iterations=2, eval_every=2, eval_images=1, trainable="decoder")
@@ -243,7 +244,7 @@ def test_the_real_photo_sets_open_with_many_masks_per_image():
 
 
 def test_a_run_resumes_with_another_length_and_ends_its_schedule_there(tmp_path):
-    from stable_sam.pretrain import pretrain_sam
+    from training.pretrain import pretrain_sam
 
     cfg = replace(PretrainConfig(), steps=1, batch_size=1, masks_per_image=1, iterations=1,
                   eval_every=1000, eval_images=1, checkpoint_every=1)

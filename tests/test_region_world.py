@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stable_sam.data.sources import open_dataset
-from stable_sam.data.regions import (ALL_FAMILIES, CONTAINER, GROUP, OBJECT, PART, STUFF, TRAIN_FAMILIES, UNSEEN_FAMILIES,
+from research.region_world import (ALL_FAMILIES, CONTAINER, GROUP, OBJECT, PART, STUFF, TRAIN_FAMILIES, UNSEEN_FAMILIES,
                                      RegionScenes, draw_family)
 from stable_sam.data.synthetic_split import world_scenes
 
@@ -68,7 +68,7 @@ def test_dataset_specs_name_both_worlds():
 def test_a_touching_object_only_picks_from_objects_actually_drawn():
     # Scene 529 of this seed draws an empty shape before a touching one: indexing the touched
     # object by the loop counter ran past the list (the crash that stopped a training run).
-    from stable_sam.data.regions import REGIONS_TRAIN_SEED
+    from research.region_world import REGIONS_TRAIN_SEED
 
     scene = RegionScenes(seed=REGIONS_TRAIN_SEED + 1)[529]
     assert scene.masks and len(scene.targets) >= len(scene.masks)

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from stable_sam.modeling.sam_tiny import build_sam_tiny
-from stable_sam.pretrain import PretrainConfig
+from training.pretrain import PretrainConfig
 from stable_sam.settings import SAM_TINY_CHECKPOINT
 from training.time_pretrain import time_pretrain_steps
 

@@ -22,7 +22,7 @@ from segment_anything.modeling import Sam
 from stable_sam.build import resolve_device
 from stable_sam.data.synthetic import TRAIN_SEED, SyntheticScenes
 from stable_sam.modeling.sam_tiny import build_sam_tiny
-from stable_sam.pretrain import PretrainConfig, batch_scenes, train_step
+from training.pretrain import PretrainConfig, batch_scenes, train_step
 from stable_sam.settings import SAM_TINY_CHECKPOINT
 from stable_sam.timing import sync
 

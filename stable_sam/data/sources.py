@@ -30,7 +30,8 @@ def json_kind(path: Path) -> str:
 
 
 def is_generated(spec: Union[str, Path]) -> bool:
-    """Whether ``spec`` names generated scenes (``synthetic:...`` or ``regions:...``): endless, so
+    """Whether ``spec`` names generated scenes (``<world>:<split>`` of a registered world, e.g.
+    ``synthetic:heldout``): endless, so
     a command picks a default start and number of images for them."""
     world, _, split = str(spec).partition(":")
     return bool(split) and world in WORLDS
@@ -42,8 +43,8 @@ def open_dataset(spec: Union[str, Path], image_root: Optional[Path] = None,
     """The dataset a CLI argument names.
 
     - ``synthetic:heldout`` / ``synthetic:train`` / ``synthetic:<seed>``: generated scenes of the
-      objects-only world, ``regions:heldout`` / ``regions:train`` / ``regions:unseen`` (held-out
-      shape families) / ``regions:<seed>``: of the region world (``start`` and ``limit`` pick the
+      objects-only world, or ``<world>:<split>`` of another registered world (``research/``
+      registers ``regions``; ``synthetic_split.register_world``) (``start`` and ``limit`` pick the
       indices; ``limit`` is required, the generators are endless);
     - a folder: images with per-object mask PNGs (``FolderDataset``; ``masks_dir`` optional);
     - a ``.json`` file: COCO instances or a Label Studio export, told apart by content; image

@@ -29,7 +29,7 @@ class Scene:
     image: H x W x 3 uint8. masks: list of H x W bool, visible part only (occlusion applied),
     each non-empty: the annotated objects. kinds: the object kind of each mask. targets: every
     region pretraining may ask for (H x W bool each; empty: the objects are the only targets), with
-    target_kinds naming their granularity (``regions.py``).
+    target_kinds naming their granularity (``research/region_world.py``).
     """
 
     image: np.ndarray

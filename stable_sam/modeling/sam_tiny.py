@@ -4,7 +4,7 @@ Only the image encoder is shrunk: 256-px input, patch 8 (a 32 x 32 embedding gri
 decoder's low-res logits are 128 x 128), ViT embed 128, depth 4, attention in 16 x 16-token windows.
 The prompt encoder and the mask decoder are the standard 256-wide SAM ones, so the Stable-SAM
 plugin runs the exact code it runs on ViT-B/L/H. Trained from scratch on synthetic scenes by
-``scripts/train_small_sam.py`` (first at patch 16, then refined to patch 8); the checkpoint ships
+``training/train_small_sam.py`` (first at patch 16, then refined to patch 8); the checkpoint ships
 in ``checkpoints/``.
 """
 

@@ -29,17 +29,17 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from .checkpoint import atomic_torch_save
-from .data.dataset import Subset
-from .data.folder import FolderDataset
-from .data.photo_scenes import PhotoScenes
-from .data.synthetic import Scene
-from .data.synthetic_split import world_scenes
-from .losses import bce_dice_loss
-from .lr_schedule import warmup_cosine
-from .metrics import binary_iou
-from .modeling.batched_decode import decode_on_own_images
-from .prompts import error_point, mask_to_box, noisy_box, sample_points, sam_jittered_box
+from stable_sam.checkpoint import atomic_torch_save
+from stable_sam.data.dataset import Subset
+from stable_sam.data.folder import FolderDataset
+from stable_sam.data.synthetic import Scene
+from stable_sam.data.synthetic_split import world_scenes
+from stable_sam.losses import bce_dice_loss
+from stable_sam.lr_schedule import warmup_cosine
+from stable_sam.metrics import binary_iou
+from stable_sam.modeling.batched_decode import decode_on_own_images
+from stable_sam.prompts import error_point, mask_to_box, noisy_box, sample_points, sam_jittered_box
+from training.photo_scenes import PhotoScenes
 
 
 @dataclass
@@ -61,7 +61,7 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 100
     eval_images: int = 48
-    world: str = "synthetic"  # "synthetic" (objects only), "regions" (every region a target) or "photos"
+    world: str = "synthetic"  # "synthetic" (objects only), "photos", or a registered world ("regions": research/)
     checkpoint_every: int = 25  # steps between resumable training states
     # SAM caps its box jitter at 20 px of a 1024-px input, so large objects get a nearly tight box;
     # 5 is that cap at the small SAM's 256 px (20 made the committed checkpoints).
@@ -192,6 +192,7 @@ def batch_scenes(scenes: Sequence[Scene], step: int, cfg: PretrainConfig) -> Lis
 
 
 def with_targets(batch: Sequence[Scene]) -> List[Scene]:
+    """The scenes of ``batch`` that have something to prompt (a training target)."""
     return [s for s in batch if s.training_targets]
 
 

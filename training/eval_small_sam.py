@@ -1,6 +1,6 @@
 """Held-out quality of a base SAM (plugin off): mIoU for a GT box, 1 point and 3 points.
 
-    python scripts/eval_small_sam.py [--images 200] [--json]
+    python -m training.eval_small_sam [--images 200] [--json]
 
 Defaults: the committed small SAM on the held-out synthetic split (never trained on). GT box and
 3 points use SAM's single-mask output; 1 point uses three candidates and keeps the best by

@@ -19,8 +19,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from .dataset import SegmentationDataset
-from .synthetic import Scene
+from stable_sam.data.dataset import SegmentationDataset
+from stable_sam.data.synthetic import Scene
 
 # Objects smaller than this many pixels after the crop are not prompted for: a box or a click on a
 # few pixels teaches nothing and makes the loss noisy.

@@ -33,7 +33,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .synthetic import Scene, _random_color, _smooth_noise, _texture, scene_shape
+from stable_sam.data.synthetic import Scene, _random_color, _smooth_noise, _texture, scene_shape
+from stable_sam.data.synthetic_split import World, register_world
 
 REGIONS_TRAIN_SEED = 7_000_001
 REGIONS_HELDOUT_SEED = 7_900_009
@@ -335,3 +336,9 @@ class RegionScenes:
                 target_kinds.append(STUFF)
         return Scene(image=image, masks=[objects[i] for i in keep], kinds=[families[i] for i in keep],
                      targets=targets, target_kinds=target_kinds)
+
+
+# ``regions:<split>`` in dataset specs, ``--world regions`` in pretraining: known once this module is imported
+register_world("regions", World(
+    lambda seed, size, unseen: RegionScenes(seed=seed, size=size, families=UNSEEN_FAMILIES if unseen else TRAIN_FAMILIES),
+    {"train": REGIONS_TRAIN_SEED, "heldout": REGIONS_HELDOUT_SEED}, unseen_seed=REGIONS_HELDOUT_SEED))
