@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from stable_sam.build import build_from_settings, resolve_device
+from stable_sam.builders import build_from_settings, resolve_device
 from stable_sam.data.label_studio_prompts import (PromptGroup, Region, RegionError, group_prompts, parse_regions,
                                                   result_regions)
 from stable_sam.model import StableSam, model_version

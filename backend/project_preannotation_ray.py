@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from tqdm import tqdm
 
-from stable_sam.build import build_from_settings
+from stable_sam.builders import build_from_settings
 from stable_sam.preannotation.automatic import AutoConfig
 from stable_sam.preannotation.items import InputError
 from stable_sam.preannotation.ray_job import (RayStats, RayUnavailable, ShardPool, import_ray, plan_workers,

@@ -155,7 +155,7 @@ def _job(argv: Optional[Sequence[str]]) -> int:
     ap.add_argument("--image-root", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from stable_sam.build import build_from_settings
+    from stable_sam.builders import build_from_settings
 
     from .logs import configure_logging
 

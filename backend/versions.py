@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from stable_sam.build import model_identity, resolve_sam_checkpoint
+from stable_sam.builders import model_identity, resolve_sam_checkpoint
 from stable_sam.checkpoint import load_plugin
 from stable_sam.download import OFFICIAL_CHECKPOINTS, CheckpointError
 from stable_sam.model import UNTRAINED_PLUGIN, StableSam, model_version

@@ -21,7 +21,7 @@ import torch
 
 import research.region_world  # noqa: F401 - registers the "regions" world
 from research.same_set_oracle import attention_finetuned, attention_module, fit_plugin
-from stable_sam.build import build
+from stable_sam.builders import build
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import open_dataset
 from stable_sam.download import CheckpointError

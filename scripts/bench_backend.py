@@ -28,7 +28,7 @@ from backend.ml_backend import StableSamBackend
 from backend.server_settings import BackendSettings
 from backend.testing.drawn_scene import drawn_scene
 from backend.testing.label_studio_regions import click_session, predict_regions, recommended_config
-from stable_sam.build import build_from_settings
+from stable_sam.builders import build_from_settings
 from stable_sam.predictor import StableSamPredictor
 
 RECOMMENDED_CONFIG = recommended_config()

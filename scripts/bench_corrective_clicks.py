@@ -37,7 +37,7 @@ from PIL import Image
 from backend.ml_backend import StableSamBackend
 from backend.testing.label_studio_regions import keypoint, recommended_config
 from backend.server_settings import BackendSettings
-from stable_sam.build import build_from_settings
+from stable_sam.builders import build_from_settings
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.metrics import mask_iou
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from stable_sam.timing import compare_decoders, interactive_prompts, live_plugin, random_embedding, time_plugin_parts
-from stable_sam.build import build, build_sam, resolve_device
+from stable_sam.builders import build, build_sam, resolve_device
 from stable_sam.model import StableSam
 from stable_sam.predictor import StableSamPredictor
 

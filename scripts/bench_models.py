@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from stable_sam.timing import compare_decoders, live_plugin, random_embedding, time_encoder
-from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device
+from stable_sam.builders import MODEL_TYPES, build, build_sam, resolve_device
 from stable_sam.embedding_cache import features_nbytes
 from stable_sam.model import StableSam
 from stable_sam.predictor import StableSamPredictor

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from backend.server_settings import BackendSettings
-from stable_sam.build import MODEL_TYPES, build
+from stable_sam.builders import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import open_dataset

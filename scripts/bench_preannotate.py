@@ -31,7 +31,7 @@ import torch
 
 from stable_sam.timing import add_folder_args, generated_work, preprocessed_inputs, time_job
 from stable_sam.timing import time_encoder as bench_time_encoder
-from stable_sam.build import MODEL_TYPES, build, build_sam, resolve_device
+from stable_sam.builders import MODEL_TYPES, build, build_sam, resolve_device
 from stable_sam.model import StableSam
 from stable_sam.modeling.plugin import StableSamPlugin
 

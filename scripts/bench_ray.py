@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from stable_sam.timing import add_folder_args, generated_work, time_job
-from stable_sam.build import MODEL_TYPES, build
+from stable_sam.builders import MODEL_TYPES, build
 from stable_sam.preannotation.ray_job import run_offline_ray
 
 

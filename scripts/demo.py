@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stable_sam.build import build_from_settings
+from stable_sam.builders import build_from_settings
 from stable_sam.data.dataset import load_image, load_mask_png
 from stable_sam.metrics import mask_iou
 from stable_sam.modeling.plugin import count_trainable

@@ -57,7 +57,7 @@ from PIL import Image
 from stable_sam.timing import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
                                      random_embedding, random_model, sync, time_encoder, time_job, time_plugin_parts)
-from stable_sam.build import build, resolve_device
+from stable_sam.builders import build, resolve_device
 from stable_sam.checkpoint import atomic_write_json
 from stable_sam.data.synthetic import SyntheticScenes
 from stable_sam.embedding_cache import EmbeddingCache

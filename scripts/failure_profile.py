@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stable_sam.build import MODEL_TYPES, build
+from stable_sam.builders import MODEL_TYPES, build
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import DatasetError
 from stable_sam.data.sources import is_generated, open_dataset

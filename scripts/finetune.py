@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from stable_sam.adaptation import INIT_MODES, AdaptationConfig, AdaptationError, Reporter, export_dataset, run_adaptation
-from stable_sam.build import MODEL_TYPES, build
+from stable_sam.builders import MODEL_TYPES, build
 from stable_sam.data.dataset import DatasetError, SegmentationDataset
 from stable_sam.data.sources import is_generated, json_kind, open_dataset
 from stable_sam.distributed import init_from_env

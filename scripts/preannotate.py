@@ -50,7 +50,7 @@ import torch
 
 from backend.errors import BadInput
 from backend.server_settings import BackendSettings, SettingsError
-from stable_sam.build import MODEL_TYPES, build_from_settings
+from stable_sam.builders import MODEL_TYPES, build_from_settings
 from stable_sam.data.dataset import DatasetError
 from stable_sam.download import CheckpointError
 from stable_sam.preannotation import (AutoConfig, InputError, items_from_coco, items_from_csv,

@@ -69,7 +69,18 @@ class PluginCheckpoint:
 
 def save_plugin(plugin: StableSamPlugin, path: Union[str, Path], version: str,
                 base_model: Dict[str, str], summary: Optional[Dict[str, Any]] = None) -> Path:
-    """Write a plugin checkpoint atomically (CPU tensors; a few hundred KB)."""
+    """Write a plugin checkpoint atomically (CPU tensors; a few hundred KB).
+
+    Args:
+        plugin: the plugin whose config and weights are saved.
+        path: the file to write.
+        version: the plugin's version name (what ``model_version`` shows).
+        base_model: the SAM it was trained on (``{"model_type": ..., "model_id": ...}``).
+        summary: its training summary (JSON-serialisable).
+
+    Returns:
+        ``path``.
+    """
     payload = {
         "format": PLUGIN_FORMAT,
         "format_version": PLUGIN_FORMAT_VERSION,
@@ -84,7 +95,18 @@ def save_plugin(plugin: StableSamPlugin, path: Union[str, Path], version: str,
 
 
 def load_plugin(path: Union[str, Path], model_type: Optional[str] = None) -> PluginCheckpoint:
-    """Read a plugin checkpoint; with ``model_type``, refuse one trained on another base model."""
+    """Read a plugin checkpoint.
+
+    Args:
+        path: a file ``save_plugin`` wrote.
+        model_type: refuse a plugin trained on another base model type (None: any).
+
+    Returns:
+        A ``PluginCheckpoint``: the plugin (eval mode), its version, base model, summary, time made.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a plugin, or for another model type.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"plugin checkpoint not found: {path}")

@@ -59,14 +59,17 @@ class EmbeddingCache:
 
     @property
     def nbytes(self) -> int:
+        """The bytes held in memory now."""
         return self._bytes
 
     def stats(self) -> Dict[str, float]:
+        """Hits, misses, disk hits, entries, MB held and the MB bound."""
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "disk_hits": self.disk_hits,
                     "entries": len(self._items), "mb": self._bytes / 2**20, "max_mb": self.max_bytes / 2**20}
 
     def get(self, key: str) -> Optional[Features]:
+        """The features cached in memory for ``key`` (now the newest), None when absent."""
         with self._lock:
             value = self._items.get(key)
             if value is not None:
@@ -74,6 +77,8 @@ class EmbeddingCache:
             return value
 
     def put(self, key: str, value: Features) -> None:
+        """Keep ``value`` for ``key`` in memory, evicting the oldest past the bound (features over the
+        bound alone are not kept)."""
         size = features_nbytes(value)
         with self._lock:
             if key in self._items:

@@ -68,6 +68,7 @@ class StableSam:
 
     @property
     def image_size(self) -> int:
+        """The encoder's input side S in pixels."""
         return self.adapter.image_size
 
     @property

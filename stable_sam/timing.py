@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .build import build_sam
+from .builders import build_sam
 from .data.dataset import Sample, SegmentationDataset, load_image
 from .data.synthetic import SyntheticScenes
 from .data.synthetic_split import SyntheticSplit

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from backend.testing import loopback_guard
-from stable_sam.build import build
+from stable_sam.builders import build
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.model import StableSam
 

@@ -20,7 +20,7 @@ from backend.prefetch import Prefetcher
 from backend.previous_masks import PreviousMasks, prompt_key
 from backend.server_settings import BackendSettings
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, result_mask
-from stable_sam.build import build
+from stable_sam.builders import build
 
 
 @pytest.fixture(scope="module")

@@ -500,7 +500,7 @@ def test_eight_threads_give_the_single_thread_masks(settings, tiny_model, media_
 
 
 def test_repeated_clicks_are_decoder_only_and_metrics_count_them(settings, tiny_model, media_dir, scenes):
-    from stable_sam.build import build
+    from stable_sam.builders import build
 
     model = build("sam_tiny", device="cpu")  # a fresh model: its own encoder counts
     backend = StableSamBackend(settings, model=model)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import torch
 
-from stable_sam.build import build
+from stable_sam.builders import build
 from stable_sam.embedding_cache import EmbeddingCache, image_hash
 from stable_sam.predictor import StableSamPredictor
 

@@ -9,7 +9,7 @@ import torch
 
 from stable_sam import checkpoint as checkpoint_mod
 from stable_sam import download
-from stable_sam.build import build, resolve_device
+from stable_sam.builders import build, resolve_device
 from stable_sam.checkpoint import atomic_torch_save, load_plugin, save_plugin
 from stable_sam.download import CheckpointError, ensure_official_checkpoint
 from stable_sam.modeling.plugin import PluginConfig, StableSamPlugin

@@ -23,7 +23,7 @@ IMAGES = 5  # odd: the last step has an image for rank 0 only, rank 1 still join
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from stable_sam.build import build
+    from stable_sam.builders import build
     from stable_sam.data.sources import open_dataset
     from stable_sam.distributed import init_from_env
     from stable_sam.modeling.plugin import StableSamPlugin

@@ -19,7 +19,7 @@ import pytest
 import ray
 
 from backend_helpers import drawn_scene
-from stable_sam.build import build
+from stable_sam.builders import build
 from stable_sam.preannotation import items_from_coco, run_offline
 from stable_sam.preannotation.offline import journal_path
 from stable_sam.preannotation.ray_job import (ACTOR_NAME, RayUnavailable, ShardPool, _check_reachable, run_offline_ray,

@@ -28,7 +28,7 @@ from backend.server_settings import BackendSettings
 from backend_helpers import RECOMMENDED_CONFIG, centroid, drawn_scene, iou, keypoint, loosen, rectangle, result_mask
 from stable_sam import download
 from stable_sam.timing import InMemoryDataset, live_plugin
-from stable_sam.build import build, build_sam, model_identity
+from stable_sam.builders import build, build_sam, model_identity
 from stable_sam.checkpoint import load_plugin
 from stable_sam.data.dataset import Sample
 from stable_sam.download import CheckpointError

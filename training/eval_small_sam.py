@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stable_sam.build import build
+from stable_sam.builders import build
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.metrics import binary_iou
 from stable_sam.predictor import StableSamPredictor

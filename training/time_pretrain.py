@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from stable_sam.build import resolve_device
+from stable_sam.builders import resolve_device
 from stable_sam.data.synthetic import TRAIN_SEED, SyntheticScenes
 from stable_sam.modeling.sam_tiny import build_sam_tiny
 from training.pretrain import PretrainConfig, batch_scenes, train_step

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stable_sam.build import resolve_device
+from stable_sam.builders import resolve_device
 from stable_sam.modeling.sam_tiny import SAM_TINY_IMAGE_SIZE, SAM_TINY_PATCH_SIZE, build_sam_tiny
 from training.pretrain import PretrainConfig, pretrain_sam, refine_patch_grid
 

@@ -17,6 +17,8 @@ from .synthetic_split import WORLDS, SyntheticSplit, parse_synthetic_seed
 
 
 def json_kind(path: Path) -> str:
+    """"coco" or "label_studio": what a .json annotation file is, told by its content
+    (``DatasetError`` for neither)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

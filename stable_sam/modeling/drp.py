@@ -27,6 +27,7 @@ class DynamicRoutingPlugin(nn.Module):
             self.out.bias.copy_(torch.tensor([-init_gap / 2, init_gap / 2]))
 
     def forward(self, token: torch.Tensor) -> torch.Tensor:
+        """B x C prompt token -> alpha B x 2: the weights of the deformed and the regular features."""
         logits = self.out(self.mlp(token))
         if self.activation == "softmax":
             return torch.softmax(logits, dim=-1)

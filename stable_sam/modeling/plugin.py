@@ -63,6 +63,7 @@ class PluginConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PluginConfig":
+        """A config from a checkpoint's dict (keys this version does not know are ignored)."""
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -70,6 +71,7 @@ class PluginConfig:
         return cls(**d)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The config as a dict (stored with each plugin checkpoint)."""
         return asdict(self)
 
 
@@ -108,6 +110,7 @@ class Routing:
 
     @property
     def alpha(self) -> Optional[torch.Tensor]:
+        """The last decoder call's alpha, B x 2 (deformed, regular); None for plain SAM."""
         return self.alphas[-1] if self.alphas else None
 
 
@@ -165,4 +168,5 @@ def attach(decoder: nn.Module, grid_hw: Tuple[int, int], layer: int = 1) -> nn.M
 
 
 def count_trainable(module: nn.Module) -> int:
+    """The number of ``module``'s parameters that train (``requires_grad``)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

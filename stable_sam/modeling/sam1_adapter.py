@@ -19,6 +19,7 @@ class ResizeAtLeastOnePixel(ResizeLongestSide):
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        """SAM's resized (h, w) for an ``oldh`` x ``oldw`` image, each side at least 1."""
         newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
         return max(newh, 1), max(neww, 1)
 
@@ -34,27 +35,33 @@ class Sam1Adapter(SamAdapter):
         self.transform = ResizeAtLeastOnePixel(self.image_size)
 
     def input_size(self, h: int, w: int) -> Tuple[int, int]:
+        """``SamAdapter.input_size``: the image resized to longest side S (the rest of S x S is padding)."""
         return tuple(self.transform.get_preprocess_shape(h, w, self.image_size))
 
     def preprocess(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``SamAdapter.preprocess``: longest side to S, SAM's normalisation, zero padding to S x S."""
         resized = self.transform.apply_image(image)
         x = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()[None]
         return self.base.preprocess(x.float())
 
     def encode(self, x: torch.Tensor) -> ImageFeatures:
+        """``SamAdapter.encode``: one image embedding, 1 x C x h x w."""
         return (self.image_encoder(x),)
 
     def points_to_input(self, coords: np.ndarray, original_size: Tuple[int, int],
                         device: torch.device) -> torch.Tensor:
+        """``SamAdapter.points_to_input``: scaled as the image was resized."""
         return torch.as_tensor(self.transform.apply_coords(np.asarray(coords, dtype=np.float64), original_size),
                                dtype=torch.float32, device=device)
 
     def embed_prompts(self, points: Optional[Points], boxes: Optional[torch.Tensor],
                       masks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``SamAdapter.embed_prompts``: SAM's prompt encoder."""
         return self.prompt_encoder(points=points, boxes=boxes, masks=masks)
 
     def decode(self, features: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
                multimask: bool, own_images: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``SamAdapter.decode``: SAM's mask decoder (the plugin, when attached, runs inside it)."""
         pe = self.prompt_encoder.get_dense_pe()
         if own_images:
             return decode_on_own_images(self.mask_decoder, features[0].float(), pe, sparse, dense, multimask)
@@ -63,4 +70,5 @@ class Sam1Adapter(SamAdapter):
 
     def postprocess(self, low: torch.Tensor, input_size: Tuple[int, int],
                     original_size: Tuple[int, int]) -> torch.Tensor:
+        """``SamAdapter.postprocess``: padding cropped, then resized to the original image."""
         return self.base.postprocess_masks(low, input_size, original_size)

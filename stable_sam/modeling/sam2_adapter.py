@@ -55,6 +55,8 @@ class Sam2Adapter(SamAdapter):
         self.transforms = SAM2Transforms(resolution=self.image_size, mask_threshold=self.mask_threshold)
 
     def feature_shapes(self) -> Sequence[Tuple[int, int, int]]:
+        """``SamAdapter.feature_shapes``: the embedding, then the high-resolution maps (4h, 2h)
+        when the decoder uses them."""
         (c, h, w), = super().feature_shapes()
         if not self.base.use_high_res_features_in_sam:
             return [(c, h, w)]
@@ -62,9 +64,11 @@ class Sam2Adapter(SamAdapter):
         return [(c, h, w), (d.conv_s0.out_channels, 4 * h, 4 * w), (d.conv_s1.out_channels, 2 * h, 2 * w)]
 
     def input_size(self, h: int, w: int) -> Tuple[int, int]:
+        """``SamAdapter.input_size``: SAM 2 resizes every image to S x S (no padding)."""
         return self.image_size, self.image_size
 
     def preprocess(self, image: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``SamAdapter.preprocess``: SAM 2's transforms (resize to S x S, normalise)."""
         return self.transforms(image)[None].to(device)
 
     def encode(self, x: torch.Tensor) -> ImageFeatures:
@@ -79,11 +83,13 @@ class Sam2Adapter(SamAdapter):
 
     def points_to_input(self, coords: np.ndarray, original_size: Tuple[int, int],
                         device: torch.device) -> torch.Tensor:
+        """``SamAdapter.points_to_input``: normalised by the original size, then scaled to S."""
         t = torch.as_tensor(np.asarray(coords, dtype=np.float32), device=device)
         return self.transforms.transform_coords(t, normalize=True, orig_hw=tuple(original_size))
 
     def boxes_to_input(self, boxes: np.ndarray, original_size: Tuple[int, int],
                        device: torch.device) -> torch.Tensor:
+        """``SamAdapter.boxes_to_input``: both corners as points."""
         t = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=device)
         return self.transforms.transform_boxes(t, normalize=True, orig_hw=tuple(original_size)).reshape(-1, 4)
 
@@ -104,6 +110,7 @@ class Sam2Adapter(SamAdapter):
 
     def decode(self, features: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
                multimask: bool, own_images: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``SamAdapter.decode``: SAM 2's mask decoder with its high-resolution maps."""
         embedding, *high_res = (f.float() for f in features)
         low, iou, _, _ = self.mask_decoder(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
@@ -113,4 +120,5 @@ class Sam2Adapter(SamAdapter):
 
     def postprocess(self, low: torch.Tensor, input_size: Tuple[int, int],
                     original_size: Tuple[int, int]) -> torch.Tensor:
+        """``SamAdapter.postprocess``: SAM 2's upsampling to the original image."""
         return self.transforms.postprocess_masks(low, tuple(original_size))

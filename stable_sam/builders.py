@@ -87,6 +87,8 @@ def build_sam(model_type: str, checkpoint: Optional[Path]) -> SamAdapter:
 
 def resolve_sam_checkpoint(model_type: str, sam_checkpoint: Optional[Union[str, Path]],
                            model_dir: Path, download: bool = True) -> Path:
+    """The SAM weights file to load: ``sam_checkpoint`` when given, the committed small SAM's for
+    "sam_tiny", else the official file in ``model_dir`` (downloaded when missing and ``download``)."""
     if sam_checkpoint is not None:
         path = Path(sam_checkpoint)
         if not path.is_file():
@@ -119,8 +121,27 @@ def build(model_type: str = "sam_tiny", sam_checkpoint: Optional[Union[str, Path
           plugin_checkpoint: Optional[Union[str, Path]] = None, device: Optional[Union[str, torch.device]] = None,
           model_dir: Optional[Path] = None, cache: Optional[EmbeddingCache] = None,
           download: bool = True) -> StableSam:
-    """Load SAM (frozen) and the plugin. Without ``plugin_checkpoint`` the plugin is the untrained
-    one, which is an exact no-op: the model then serves plain SAM's masks."""
+    """Load SAM (frozen) and the plugin.
+
+    Args:
+        model_type: one of ``MODEL_TYPES``: "sam_tiny" (the committed small SAM), "vit_b" / "vit_l" /
+            "vit_h", or a SAM 2.1 size ("sam2.1_hiera_tiny", ...).
+        sam_checkpoint: SAM's weights (default: the committed small SAM, or the official file in
+            ``model_dir``, downloaded unless ``download`` is False).
+        plugin_checkpoint: a plugin file (``save_plugin``); None: the untrained plugin, an exact
+            no-op, so the model serves plain SAM's masks.
+        device: "auto" / None (CUDA when present), "cpu", "cuda", "cuda:N".
+        model_dir: where official weights are kept (default: MODEL_DIR).
+        cache: the embedding cache (default: 512 MB in memory).
+        download: fetch a missing official checkpoint.
+
+    Returns:
+        A ``StableSam`` ready to serve (``StableSamPredictor(model)``).
+
+    Raises:
+        CheckpointError: a checkpoint is missing, unreadable or for another model type.
+        ValueError: an unknown model type.
+    """
     model_dir = Path(model_dir) if model_dir is not None else ModelSettings().model_dir
     dev = resolve_device(device)
     ckpt = resolve_sam_checkpoint(model_type, sam_checkpoint, model_dir, download)
@@ -136,6 +157,9 @@ def build(model_type: str = "sam_tiny", sam_checkpoint: Optional[Union[str, Path
 
 
 def build_from_settings(settings: Optional[ModelSettings] = None, **overrides) -> StableSam:
+    """``build`` as the environment configures it (SAM_MODEL_TYPE, SAM_CHECKPOINT, PLUGIN_CHECKPOINT,
+    DEVICE, MODEL_DIR, the embedding cache's size and disk store): what the backend serves.
+    ``overrides``: ``build``'s keyword arguments to set instead."""
     s = settings or ModelSettings.from_env()
     cache = EmbeddingCache(s.embedding_cache_mb, s.model_dir / "embeddings" if s.embedding_disk_cache else None)
     kwargs = dict(model_type=s.sam_model_type, sam_checkpoint=s.sam_checkpoint,
