@@ -30,6 +30,7 @@ from stable_sam.rts import TRAINABLE_PARTS, RTSConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="regions:train", help="any dataset the benchmark reads")
     ap.add_argument("--start", type=int, default=0)
@@ -51,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Train and evaluate the plugin and the attention fine-tune; the exit code (2: bad input)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -78,7 +78,8 @@ def attention_module(model: StableSam, layer: int = 1) -> nn.Module:
 def attention_finetuned(model: StableSam, dataset: SegmentationDataset, cfg: RTSConfig,
                         layer: int = 1) -> Iterator[List[float]]:
     """Inside the block, ``model``'s layer-``layer`` token-to-image attention is fine-tuned on
-    ``dataset`` (yields the loss curve); on exit SAM's weights are back, frozen."""
+    ``dataset`` (yields the loss curve); on exit SAM's weights are back, frozen, without gradients
+    (the model is shared: a later check that SAM holds no gradient must not see these)."""
     module = attention_module(model, layer)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
     module.requires_grad_(True)
@@ -89,3 +90,5 @@ def attention_finetuned(model: StableSam, dataset: SegmentationDataset, cfg: RTS
     finally:
         module.load_state_dict(saved)
         module.requires_grad_(False)
+        for p in module.parameters():
+            p.grad = None

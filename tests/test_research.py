@@ -44,6 +44,7 @@ def test_oracle_fine_tunes_sams_attention_and_puts_it_back(tiny_model):
         assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
         assert not any(p.requires_grad for p in module.parameters())
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())   # SAM restored
+    assert all(p.grad is None for p in module.parameters())  # and no gradient left on the shared model
     plugin, _ = fit_plugin(tiny_model, ds, cfg)
     assert not plugin.training and plugin.dsp.offset.weight.abs().sum() > 0
 

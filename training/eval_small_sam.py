@@ -26,6 +26,7 @@ from stable_sam.prompts import mask_to_box, sample_points
 
 
 def main() -> None:
+    """Print the held-out mIoU of a base SAM (``--help``; ``--json``: one JSON object last)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-type", default="sam_tiny")
     ap.add_argument("--checkpoint", type=Path, default=None, help="SAM weights (default: the committed small SAM)")

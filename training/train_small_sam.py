@@ -20,6 +20,8 @@ from training.pretrain import PretrainConfig, pretrain_sam, refine_patch_grid
 
 
 def main() -> None:
+    """Train (or resume) a small SAM with ``PretrainConfig``'s knobs as flags; write the weights and
+    the summary JSON beside them."""
     parser = argparse.ArgumentParser(description=__doc__)
     for f in fields(PretrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
