@@ -47,6 +47,7 @@ def innermost_point(mask: np.ndarray) -> np.ndarray:
 
 
 def loose_box(mask: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """The H x W bool mask's XYXY box grown by ``margin`` of its width / height on each side, clamped."""
     x0, y0, x1, y1 = mask_to_box(mask)
     dx, dy = margin * (x1 - x0), margin * (y1 - y0)
     h, w = mask.shape
@@ -54,6 +55,8 @@ def loose_box(mask: np.ndarray, margin: float = 0.1) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray = None, points: np.ndarray = None) -> Image.Image:
+    """``image`` (H x W x 3 uint8) with N masks (N x H x W bool) tinted, and their N x 4 boxes or
+    N x 2 clicks drawn in the same colours."""
     out = image.astype(np.float32)
     for m, c in zip(masks, COLOURS):
         out[m] = 0.45 * out[m] + 0.55 * c
@@ -70,6 +73,7 @@ def overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray = None, poin
 
 
 def main() -> None:
+    """Build what the backend serves, prompt the image, print each object's figures, save the picture."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", type=Path, default=EXAMPLES / "photos" / "images" / "ccp_0803.jpg")
     ap.add_argument("--objects", type=int, default=4, help="objects prompted (folder-dataset images)")

@@ -13,6 +13,9 @@ from backend.testing.label_studio_regions import centroid, keypoint, loosen, rec
 from stable_sam.metrics import mask_iou
 
 ROOT = Path(__file__).resolve().parents[1]
+# The small SAM trained on synthetic scenes only: what the tests serve (conftest sets SAM_CHECKPOINT
+# to it); the shipped photo-trained one is tested in test_shipped_model.py.
+SYNTHETIC_SAM = ROOT / "checkpoints" / "sam_tiny_synthetic.pt"
 RECOMMENDED_CONFIG = (ROOT / "label_config" / "recommended.xml").read_text()
 MULTICLASS_CONFIG = (ROOT / "label_config" / "multiclass.xml").read_text()
 

@@ -7,6 +7,8 @@ import os
 import pytest
 
 from backend.testing import loopback_guard
+from backend_helpers import SYNTHETIC_SAM
+from stable_sam import builders
 from stable_sam.builders import build
 from stable_sam.data.synthetic import HELDOUT_SEED, SyntheticScenes
 from stable_sam.model import StableSam
@@ -21,6 +23,12 @@ def pytest_configure(config) -> None:
     # workers) serves what ``tiny_model`` is, the small SAM with the no-op plugin, so their masks
     # can be compared with it. test_backend checks the shipped default (the RTS plugin) itself.
     os.environ.setdefault("PLUGIN_CHECKPOINT", "none")
+    # ... on the synthetic small SAM: the tests' scenes are drawn shapes, which the shipped
+    # photo-trained model (checkpoints/sam_tiny.pt) was not made for. Its own tests
+    # (test_shipped_model.py) clear this variable.
+    os.environ.setdefault("SAM_CHECKPOINT", str(SYNTHETIC_SAM))
+    # and so do settings the tests build in code without SAM_CHECKPOINT (their default weights)
+    builders.SAM_TINY_CHECKPOINT = SYNTHETIC_SAM
     # Tests name private and link-local addresses (10.0.0.1, 169.254.169.254, 192.168.0.1) to check
     # that the SSRF guard refuses them: no connection of this process may leave loopback, so a
     # regression fails (``loopback_only``) instead of sending traffic. Set here, not in a fixture,
@@ -42,8 +50,9 @@ def loopback_only():
 
 @pytest.fixture(scope="session")
 def tiny_model() -> StableSam:
-    """The committed small SAM with the untrained (no-op) plugin, on CPU."""
-    return build("sam_tiny", device="cpu")
+    """The synthetic small SAM with the untrained (no-op) plugin, on CPU: what the environment of
+    the tests serves (``SAM_CHECKPOINT``)."""
+    return build("sam_tiny", sam_checkpoint=SYNTHETIC_SAM, device="cpu")
 
 
 @pytest.fixture(scope="session")
