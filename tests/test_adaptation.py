@@ -26,7 +26,7 @@ from backend.jobs import JobManager
 from backend.ml_backend import StableSamBackend
 from backend.projects import project_id
 from backend.server_settings import BackendSettings, SettingsError
-from backend_helpers import (RECOMMENDED_CONFIG, brush_result, centroid, drawn_scene, iou, keypoint, loosen, rectangle,
+from backend_helpers import (SYNTHETIC_SAM, RECOMMENDED_CONFIG, brush_result, centroid, drawn_scene, iou, keypoint, loosen, rectangle,
                              result_mask)
 from stable_sam.adaptation import AdaptationConfig, AdaptationError, adapt, holdout_split
 from stable_sam.checkpoint import load_plugin
@@ -250,7 +250,7 @@ def media(tmp_path):
 
 
 def _settings(tmp_path, media_dir, **kw):
-    return BackendSettings(model_dir=tmp_path / "models", local_files_root=media_dir, label_studio_url="http://ls.invalid",
+    return BackendSettings(sam_checkpoint=SYNTHETIC_SAM, model_dir=tmp_path / "models", local_files_root=media_dir, label_studio_url="http://ls.invalid",
                            label_studio_api_key="key", **kw)
 
 
@@ -549,7 +549,7 @@ def test_old_job_files_are_pruned_to_the_newest_jobs(tmp_path, monkeypatch):
 def test_every_n_without_label_studio_settings_is_acknowledged_not_stuck(tmp_path):
     """TRAIN_EVERY_N set but no LABEL_STUDIO_URL / key: every annotation event is answered with the
     reason (200 for the webhook), never a 4xx loop, and no counter is kept."""
-    s = BackendSettings(model_dir=tmp_path / "models", train_every_n=2)
+    s = BackendSettings(sam_checkpoint=SYNTHETIC_SAM, model_dir=tmp_path / "models", train_every_n=2)
     jobs = JobManager(s, command=_fake(0.05))
     for _ in range(3):
         out = jobs.count_annotation(5)
