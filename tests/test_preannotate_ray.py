@@ -18,7 +18,7 @@ from typing import List
 import pytest
 import ray
 
-from backend_helpers import drawn_scene
+from backend_helpers import SYNTHETIC_SAM, drawn_scene
 from stable_sam.builders import build
 from stable_sam.preannotation import items_from_coco, run_offline
 from stable_sam.preannotation.offline import journal_path
@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow  # a local Ray cluster and its worker processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "preannotate.py"
-FACTORY = functools.partial(build, "sam_tiny")  # what each Ray worker loads: the committed small SAM
+# what each Ray worker loads: the tests' small SAM (a worker does not see conftest's in-process default)
+FACTORY = functools.partial(build, "sam_tiny", sam_checkpoint=SYNTHETIC_SAM)
 N_IMAGES = 16
 
 

@@ -19,7 +19,7 @@ import pytest
 import ray
 import requests
 
-from backend_helpers import RECOMMENDED_CONFIG, DrawnScene, drawn_scene, iou, loosen, rectangle, result_mask
+from backend_helpers import SYNTHETIC_SAM, RECOMMENDED_CONFIG, DrawnScene, drawn_scene, iou, loosen, rectangle, result_mask
 from backend.label_studio import LabelStudioUnavailable, connect
 from backend.ml_backend import StableSamBackend
 from backend.project_preannotation import list_tasks, run_label_studio
@@ -38,7 +38,7 @@ SCRIPT = ROOT / "scripts" / "preannotate.py"
 @pytest.fixture
 def settings(ls, tmp_path) -> BackendSettings:
     # a model dir of its own: no adapted plugin versions of other runs (the project serves the default)
-    return dataclasses.replace(BackendSettings(), label_studio_url=ls, label_studio_api_key=LEGACY_TOKEN,
+    return dataclasses.replace(BackendSettings(), sam_checkpoint=SYNTHETIC_SAM, label_studio_url=ls, label_studio_api_key=LEGACY_TOKEN,
                                device="cpu", model_dir=tmp_path / "models")
 
 
