@@ -122,14 +122,22 @@ def test_sam_box_jitter_is_capped_in_pixels():
     assert np.abs(wide).max() > 10.0
 
 
-def test_a_state_saved_before_a_knob_existed_resumes(tmp_path):
-    from training.pretrain import pretrain_sam, training_state_path
+def _one_step_run(tmp_path):
+    """A one-step pretraining run that leaves its resumable state: (its config, its weights path)."""
+    from training.pretrain import pretrain_sam
 
     cfg = replace(PretrainConfig(), steps=1, batch_size=1, masks_per_image=1, iterations=1,
                   eval_every=1000, eval_images=1, checkpoint_every=1)
     torch.manual_seed(0)
     out = tmp_path / "tiny.pt"
     pretrain_sam(build_sam_tiny(), cfg, out, log=lambda _: None)
+    return cfg, out
+
+
+def test_a_state_saved_before_a_knob_existed_resumes(tmp_path):
+    from training.pretrain import pretrain_sam, training_state_path
+
+    cfg, out = _one_step_run(tmp_path)
     state_path = training_state_path(out)
     state = torch.load(state_path, weights_only=False)
     del state["config"]["box_jitter_max_px"]  # as written before the knob
@@ -246,11 +254,7 @@ def test_the_real_photo_sets_open_with_many_masks_per_image():
 def test_a_run_resumes_with_another_length_and_ends_its_schedule_there(tmp_path):
     from training.pretrain import pretrain_sam
 
-    cfg = replace(PretrainConfig(), steps=1, batch_size=1, masks_per_image=1, iterations=1,
-                  eval_every=1000, eval_images=1, checkpoint_every=1)
-    torch.manual_seed(0)
-    out = tmp_path / "tiny.pt"
-    pretrain_sam(build_sam_tiny(), cfg, out, log=lambda _: None)
+    cfg, out = _one_step_run(tmp_path)
     lines = []
     summary = pretrain_sam(build_sam_tiny(), replace(cfg, steps=2), out, log=lines.append)
     assert any("resumed" in line for line in lines) and any("now ends at step 2" in line for line in lines)

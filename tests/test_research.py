@@ -16,21 +16,13 @@ from stable_sam.data.synthetic import TRAIN_SEED
 from stable_sam.data.synthetic_split import SyntheticSplit
 from stable_sam.evaluation import PROMPT_TYPES
 from stable_sam.rts import RTSConfig
+from test_rts import one_thread  # noqa: F401 - its autouse fixture: one torch thread in this module, restored after
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_set(n=6):
     return SyntheticSplit(TRAIN_SEED, start=100_000, count=n)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine one torch thread is many times faster than two that contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow  # trains for seconds

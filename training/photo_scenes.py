@@ -12,7 +12,7 @@ as the synthetic worlds' are (training state can resume, and workers can draw ah
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,10 +27,10 @@ from stable_sam.data.synthetic import Scene
 MIN_TARGET_AREA = 24
 
 
-def _resize_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """H x W bool -> size (w, h) bool; bilinear then thresholded, so thin parts survive a shrink
-    about as well as they would in an image."""
-    im = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.BILINEAR)
+def _resize_mask(mask: np.ndarray, size: Tuple[int, int], box: Optional[Tuple[float, ...]] = None) -> np.ndarray:
+    """H x W bool (its ``box`` region, source pixels, when given) -> size (w, h) bool; bilinear then
+    thresholded, so thin parts survive a shrink about as well as they would in an image."""
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.BILINEAR, box=box)
     return np.asarray(im) > 127
 
 
@@ -103,8 +103,7 @@ class PhotoScenes(Sequence[Scene]):
             img = np.asarray(pil)
         out = []
         for m in masks:
-            im = Image.fromarray(m.astype(np.uint8) * 255).resize((cw, ch), Image.BILINEAR, box=box)
-            mk = np.asarray(im) > 127
+            mk = _resize_mask(m, (cw, ch), box)
             if mk.sum() >= MIN_TARGET_AREA:
                 out.append(mk[:, ::-1] if flip else mk)
         if flip:
