@@ -1,7 +1,8 @@
-"""Train the project's small SAM from scratch on synthetic scenes (CPU is fine: the committed one took
-~2.8 h on one core, in three runs).
+"""Train the project's small SAM, from scratch or continuing from a checkpoint (``--init``), on
+synthetic scenes (``--world synthetic``) or photographs (``--world photos --photos DIR[,DIR...]``).
 
-The committed checkpoint ``checkpoints/sam_tiny.pt`` was made by the commands in docs/small-sam.md.
+The committed checkpoints (``checkpoints/sam_tiny.pt``, the photo model, and
+``checkpoints/sam_tiny_synthetic.pt``) were made by the commands in docs/small-sam.md.
 """
 
 from __future__ import annotations
