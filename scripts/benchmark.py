@@ -16,20 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from stable_sam.builders import MODEL_TYPES, build
-from stable_sam.checkpoint import load_plugin
-from stable_sam.data.dataset import DatasetError
+from stable_sam.checkpoint import PluginCheckpoint, load_plugin
+from stable_sam.data.dataset import DatasetError, SegmentationDataset
 from stable_sam.data.sources import is_generated, open_dataset
 from stable_sam.download import CheckpointError
-from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, ProtocolConfig, evaluate,
+from stable_sam.evaluation import (ALL_TYPES, PROMPT_TYPES, BenchmarkResult, ProtocolConfig, evaluate,
                                    side_by_side_table, size_table, targets_report, variants_table)
 from stable_sam.figures import comparison_figure
-from stable_sam.modeling.plugin import count_trainable
+from stable_sam.model import StableSam
+from stable_sam.modeling.plugin import StableSamPlugin, count_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLUGIN = ROOT / "checkpoints" / "plugin_sam_tiny_rts.pt"
@@ -72,6 +74,109 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@dataclass
+class Inputs:
+    """What a run evaluates: the protocol, the dataset, the model, and the plugins by row name
+    (``sam``: none, ``stable_sam``: ``--plugin``, then the ``--variant`` ones) with their versions."""
+
+    cfg: ProtocolConfig
+    dataset: SegmentationDataset
+    model: StableSam
+    main_plugin: PluginCheckpoint
+    plugins: Dict[str, Optional[StableSamPlugin]]
+    versions: Dict[str, str]
+
+
+def load_inputs(args: argparse.Namespace, variants: Dict[str, str]) -> Inputs:
+    """The protocol, dataset, model and plugins ``args`` name. Raises ``DatasetError``,
+    ``CheckpointError``, ``ValueError`` or ``RuntimeError`` on bad input."""
+    cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
+                         prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()),
+                         figure_cases=args.cases)
+    synthetic = is_generated(args.dataset)
+    limit = args.images if args.images is not None else (DEFAULT_HELDOUT_IMAGES if synthetic else None)
+    start = args.start if args.start is not None else (DEFAULT_SYNTHETIC_START if synthetic else 0)
+    dataset = open_dataset(args.dataset, image_root=args.image_root, masks_dir=args.masks_dir,
+                           limit=limit, start=start)
+    model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device,
+                  model_dir=args.model_dir)
+    main_plugin = load_plugin(args.plugin, model_type=args.model_type)
+    plugins: Dict[str, Optional[StableSamPlugin]] = {"sam": None, "stable_sam": main_plugin.plugin}
+    versions = {"stable_sam": main_plugin.version}
+    for name, path in variants.items():
+        loaded = load_plugin(Path(path), model_type=args.model_type)
+        plugins[name], versions[name] = loaded.plugin, loaded.version
+    return Inputs(cfg, dataset, model, main_plugin, plugins, versions)
+
+
+def print_report(result: BenchmarkResult, inputs: Inputs, summary: dict, by_size: dict,
+                 targets: List[dict]) -> None:
+    """The tables: side by side, by object size, the variants, alpha_1 and offsets, the targets."""
+    print(f"\n{result.images} images, {result.objects} objects, {inputs.cfg.prompts_per_object} prompts per object "
+          f"and type, {result.seconds:.0f} s\n")
+    print(side_by_side_table(summary))
+    print("\nmIoU by object size (COCO: small < 32^2 px, medium < 96^2, large):\n" + size_table(by_size))
+    if len(inputs.plugins) > 2:
+        labels = {"sam": "SAM (no plugin)", "stable_sam": "Stable-SAM (default)"}
+        print("\n" + variants_table(summary, labels))
+    print("\nmean alpha_1 (the deformed path's weight) per prompt type:")
+    for name in inputs.plugins:
+        alpha = result.alpha(name)
+        if alpha is not None:
+            print(f"  {name}: " + ", ".join(f"{t} {a:.4f}" for t, a in alpha.items()))
+    for name, stats in result.offsets.items():
+        print(f"  {name} offsets: mean {stats['mean_cells']:.3f} cells, {100 * stats['at_bound_share']:.1f} % "
+              f"of components at the bound")
+    print("\ntargets:")
+    for t in targets:
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} vs {t['reference']}")
+
+
+def report_json(args: argparse.Namespace, argv: Optional[Sequence[str]], inputs: Inputs, variants: Dict[str, str],
+                result: BenchmarkResult, summary: dict, by_size: dict, params: int,
+                targets: List[dict]) -> Dict[str, object]:
+    """The ``--out`` file: the command, model, dataset, protocol, plugins and every figure."""
+    cfg = inputs.cfg
+    return {
+        "command": " ".join(["python", "scripts/benchmark.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "model": inputs.model.version, "model_type": args.model_type, "device": str(inputs.model.device),
+        "dataset": inputs.dataset.description, "images": result.images, "objects": result.objects,
+        "protocol": {"prompts_per_object": cfg.prompts_per_object, "seed": cfg.seed,
+                     "boundary_ratio": cfg.boundary_ratio, "prompt_types": list(cfg.prompt_types),
+                     "decoding": "single mask (point1_multimask: best of SAM's 3 by predicted IoU)"},
+        "plugins": {name: {"version": inputs.versions.get(name),
+                           "path": str(args.plugin if name == "stable_sam" else variants.get(name)),
+                           "config": p.config.to_dict()} for name, p in inputs.plugins.items() if p is not None},
+        "plugin_params": params, "results": summary, "targets": targets, "seconds": round(result.seconds, 1),
+        "alpha": {name: result.alpha(name) for name in inputs.plugins}, "offsets": result.offsets, "by_size": by_size,
+    }
+
+
+def write_outputs(args: argparse.Namespace, report: Dict[str, object], result: BenchmarkResult,
+                  cfg: ProtocolConfig) -> None:
+    """Write the JSON report to ``--out`` and, when there are cases, the figure to ``--figure``."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {args.out}")
+    if result.cases:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        cases = sorted(result.cases, key=lambda c: cfg.figure_types.index(c.prompt_type))
+        comparison_figure(cases, [("sam", "SAM"), ("stable_sam", "Stable-SAM")]).save(args.figure)
+        print(f"figure written to {args.figure}")
+
+
+def json_line(result: BenchmarkResult, inputs: Inputs, summary: dict, by_size: dict,
+              params: int) -> Dict[str, object]:
+    """The ``--json`` last line: mIoU, mBIoU, stability and alpha_1 per row and prompt type."""
+    def figures(name: str) -> Dict[str, object]:
+        rows = {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
+                for t, r in summary[name].items()}
+        return {**rows, "alpha": result.alpha(name)}
+
+    return {**{name: figures(name) for name in inputs.plugins},
+            "offsets": result.offsets.get("stable_sam"), "plugin_params": params, "by_size": by_size}
+
+
 def main(argv=None) -> int:
     """Run the benchmark (``--help``); the exit code (2: bad input)."""
     args = parse_args(argv)
@@ -87,85 +192,27 @@ def main(argv=None) -> int:
               f"or pass --plugin", file=sys.stderr)
         return 2
     try:
-        cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
-                             prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()),
-                             figure_cases=args.cases)
-        synthetic = is_generated(args.dataset)
-        limit = args.images if args.images is not None else (DEFAULT_HELDOUT_IMAGES if synthetic else None)
-        start = args.start if args.start is not None else (DEFAULT_SYNTHETIC_START if synthetic else 0)
-        dataset = open_dataset(args.dataset, image_root=args.image_root, masks_dir=args.masks_dir,
-                               limit=limit, start=start)
-        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device,
-                      model_dir=args.model_dir)
-        main_plugin = load_plugin(args.plugin, model_type=args.model_type)
-        plugins = {"sam": None, "stable_sam": main_plugin.plugin}
-        versions = {"stable_sam": main_plugin.version}
-        for name, path in variants.items():
-            loaded = load_plugin(Path(path), model_type=args.model_type)
-            plugins[name], versions[name] = loaded.plugin, loaded.version
+        inputs = load_inputs(args, variants)
     except (DatasetError, CheckpointError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(f"model {model.version} on {model.device}; dataset {dataset.description}; plugin "
-          f"{main_plugin.version} ({args.plugin})")
+    print(f"model {inputs.model.version} on {inputs.model.device}; dataset {inputs.dataset.description}; plugin "
+          f"{inputs.main_plugin.version} ({args.plugin})")
     try:
-        result = evaluate(model, dataset, plugins, cfg, progress=not args.no_progress)
+        result = evaluate(inputs.model, inputs.dataset, inputs.plugins, inputs.cfg, progress=not args.no_progress)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = result.summary()
-    params = count_trainable(main_plugin.plugin)
-    print(f"\n{result.images} images, {result.objects} objects, {cfg.prompts_per_object} prompts per object "
-          f"and type, {result.seconds:.0f} s\n")
-    print(side_by_side_table(summary))
+    params = count_trainable(inputs.main_plugin.plugin)
     by_size = result.by_size()
-    print("\nmIoU by object size (COCO: small < 32^2 px, medium < 96^2, large):\n" + size_table(by_size))
-    if len(plugins) > 2:
-        labels = {"sam": "SAM (no plugin)", "stable_sam": "Stable-SAM (default)"}
-        print("\n" + variants_table(summary, labels))
-    print("\nmean alpha_1 (the deformed path's weight) per prompt type:")
-    for name in plugins:
-        alpha = result.alpha(name)
-        if alpha is not None:
-            print(f"  {name}: " + ", ".join(f"{t} {a:.4f}" for t, a in alpha.items()))
-    for name, stats in result.offsets.items():
-        print(f"  {name} offsets: mean {stats['mean_cells']:.3f} cells, {100 * stats['at_bound_share']:.1f} % "
-              f"of components at the bound")
     targets = targets_report(summary, params, result.alpha("stable_sam"))
-    print("\ntargets:")
-    for t in targets:
-        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} vs {t['reference']}")
-
-    report = {
-        "command": " ".join(["python", "scripts/benchmark.py"] + (sys.argv[1:] if argv is None else list(argv))),
-        "model": model.version, "model_type": args.model_type, "device": str(model.device),
-        "dataset": dataset.description, "images": result.images, "objects": result.objects,
-        "protocol": {"prompts_per_object": cfg.prompts_per_object, "seed": cfg.seed,
-                     "boundary_ratio": cfg.boundary_ratio, "prompt_types": list(cfg.prompt_types),
-                     "decoding": "single mask (point1_multimask: best of SAM's 3 by predicted IoU)"},
-        "plugins": {name: {"version": versions.get(name), "path": str(args.plugin if name == "stable_sam" else variants.get(name)),
-                           "config": p.config.to_dict()} for name, p in plugins.items() if p is not None},
-        "plugin_params": params, "results": summary, "targets": targets, "seconds": round(result.seconds, 1),
-        "alpha": {name: result.alpha(name) for name in plugins}, "offsets": result.offsets, "by_size": by_size,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nresults written to {args.out}")
-    if result.cases:
-        args.figure.parent.mkdir(parents=True, exist_ok=True)
-        cases = sorted(result.cases, key=lambda c: cfg.figure_types.index(c.prompt_type))
-        comparison_figure(cases, [("sam", "SAM"), ("stable_sam", "Stable-SAM")]).save(args.figure)
-        print(f"figure written to {args.figure}")
+    print_report(result, inputs, summary, by_size, targets)
+    write_outputs(args, report_json(args, argv, inputs, variants, result, summary, by_size, params, targets),
+                  result, inputs.cfg)
     if args.json:
-        def figures(name: str) -> Dict[str, object]:
-            rows = {t: {k: v for k, v in r.items() if k in ("miou", "mbiou", "stability")}
-                    for t, r in summary[name].items()}
-            return {**rows, "alpha": result.alpha(name)}
-
-        print(json.dumps({**{name: figures(name) for name in plugins},
-                          "offsets": result.offsets.get("stable_sam"), "plugin_params": params,
-                          "by_size": by_size}))
+        print(json.dumps(json_line(result, inputs, summary, by_size, params)))
     return 0
 
 
