@@ -25,21 +25,23 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from backend.server_settings import BackendSettings
 from stable_sam.builders import MODEL_TYPES, build
-from stable_sam.checkpoint import load_plugin
-from stable_sam.data.dataset import DatasetError
+from stable_sam.checkpoint import PluginCheckpoint, load_plugin
+from stable_sam.data.dataset import DatasetError, SegmentationDataset
 from stable_sam.data.sources import open_dataset
 from stable_sam.download import CheckpointError
 from stable_sam.evaluation import PROMPT_TYPES, TYPE_LABELS, ProtocolConfig, predict_protocol, protocol_samples
 from stable_sam.masks import PolygonOptions, clean_mask, mask_polygons, polygons_mask
 from stable_sam.metrics import mask_iou
+from stable_sam.model import StableSam
 from stable_sam.predictor import StableSamPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,79 +81,123 @@ def _numbers(text: str, kind=float) -> List:
     return [kind(v) for v in text.split(",") if v.strip()]
 
 
-def main(argv=None) -> int:
-    """Run the benchmark (``--help``) and print its figures."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    datasets = args.dataset or DEFAULT_DATASETS
-    try:
-        tolerances, areas = _numbers(args.tolerances), _numbers(args.clean_areas, int)
-        if 0 not in areas:
-            areas = [0] + areas
-        cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
-                             prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()))
-        sets = [open_dataset(d, limit=args.images) for d in datasets]
-        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device, model_dir=args.model_dir)
-        plugin = None if args.plugin.lower() == "none" else load_plugin(Path(args.plugin), model_type=args.model_type)
-    except (DatasetError, CheckpointError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    predictor = StableSamPredictor(model, max_batch=128, plugin=plugin.plugin if plugin else None)
+@dataclass
+class Inputs:
+    """What a run measures: the tolerances, clean-up areas (0, the raw mask, first), protocol,
+    datasets, model and plugin (None: plain SAM) that ``args`` name."""
+
+    tolerances: List[float]
+    areas: List[int]
+    cfg: ProtocolConfig
+    sets: List[SegmentationDataset]
+    model: StableSam
+    plugin: Optional[PluginCheckpoint]
+
+
+def load_inputs(args: argparse.Namespace) -> Inputs:
+    """The inputs ``args`` name. Raises ``DatasetError``, ``CheckpointError``, ``ValueError`` or
+    ``RuntimeError`` on bad input."""
+    tolerances, areas = _numbers(args.tolerances), _numbers(args.clean_areas, int)
+    if 0 not in areas:
+        areas = [0] + areas
+    cfg = ProtocolConfig(prompts_per_object=args.prompts, seed=args.seed,
+                         prompt_types=tuple(t.strip() for t in args.types.split(",") if t.strip()))
+    sets = [open_dataset(d, limit=args.images) for d in args.dataset or DEFAULT_DATASETS]
+    model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device, model_dir=args.model_dir)
+    plugin = None if args.plugin.lower() == "none" else load_plugin(Path(args.plugin), model_type=args.model_type)
+    return Inputs(tolerances, areas, cfg, sets, model, plugin)
+
+
+@dataclass
+class Measurements:
+    """What the masks gave: per prompt type and clean-up area, each object's mean IoU with the
+    ground truth (``gt_iou``); per tolerance, each mask's polygon IoU, vertices, pieces and ms
+    (``poly``); the ms of each clean-up at the default area (``clean_ms``)."""
+
+    gt_iou: Dict[str, Dict[int, List[float]]]
+    poly: Dict[float, Dict[str, List[float]]]
+    clean_ms: List[float] = field(default_factory=list)
+    images: int = 0
+    objects: int = 0
+    seconds: float = 0.0
+
+
+def measure_object(masks: Sequence[np.ndarray], gt: np.ndarray, image_hw: Tuple[int, int], inputs: Inputs,
+                   options: Dict[float, PolygonOptions], m: Measurements) -> Dict[int, List[float]]:
+    """One object's masks (one per prompt): each cleaned at every area and compared with ``gt``
+    (the IoUs per area, returned), and, cleaned as the backend serves it, turned into polygons at
+    every tolerance (added to ``m.poly``)."""
     default_area = DEFAULTS.mask_min_region_px
-    options = {t: PolygonOptions(t, DEFAULTS.polygon_min_area_px, DEFAULTS.polygon_largest_only) for t in tolerances}
-    # per prompt type: per-object mean IoU with the ground truth at each clean-up area
-    gt_iou: Dict[str, Dict[int, List[float]]] = {t: {a: [] for a in areas} for t in cfg.prompt_types}
-    # per tolerance: per mask IoU polygon vs mask, vertices, pieces, ms
-    poly: Dict[float, Dict[str, List[float]]] = {t: {"iou": [], "vertices": [], "pieces": [], "ms": []}
-                                                 for t in tolerances}
-    clean_ms: List[float] = []
-    images = objects = 0
+    h, w = image_hw
+    ious: Dict[int, List[float]] = {a: [] for a in inputs.areas}
+    for mask in masks:
+        for a in inputs.areas:
+            t0 = time.perf_counter()
+            cleaned = clean_mask(mask, a)
+            if a == default_area and a:
+                m.clean_ms.append(1000 * (time.perf_counter() - t0))
+            ious[a].append(float(mask_iou(cleaned, gt)))
+        served = clean_mask(mask, default_area)
+        for tol, opt in options.items():
+            t0 = time.perf_counter()
+            polygons = mask_polygons(served, opt)
+            m.poly[tol]["ms"].append(1000 * (time.perf_counter() - t0))
+            m.poly[tol]["iou"].append(float(mask_iou(polygons_mask(polygons, h, w), served)))
+            m.poly[tol]["vertices"].append(sum(len(p) for p in polygons))
+            m.poly[tol]["pieces"].append(len(polygons))
+    return ious
+
+
+def measure(inputs: Inputs, progress: bool) -> Measurements:
+    """The protocol's masks on every image of every dataset, measured by ``measure_object``."""
+    cfg, areas = inputs.cfg, inputs.areas
+    predictor = StableSamPredictor(inputs.model, max_batch=128, plugin=inputs.plugin.plugin if inputs.plugin else None)
+    options = {t: PolygonOptions(t, DEFAULTS.polygon_min_area_px, DEFAULTS.polygon_largest_only)
+               for t in inputs.tolerances}
+    m = Measurements(gt_iou={t: {a: [] for a in areas} for t in cfg.prompt_types},
+                     poly={t: {"iou": [], "vertices": [], "pieces": [], "ms": []} for t in inputs.tolerances})
     start = time.perf_counter()
-    print(f"model {model.version} on {model.device}; plugin {plugin.version if plugin else 'none (plain SAM)'}; "
-          f"datasets {', '.join(d.description for d in sets)}", file=sys.stderr)
-    for ds in sets:
-        for sample, prompts_of in protocol_samples(ds, cfg, Path(ds.description).name[:20], not args.no_progress):
-            images += 1
-            objects += len(sample.masks)
-            h, w = sample.image.shape[:2]
-            predictor.set_embedding(model.embed(sample.image))
+    for ds in inputs.sets:
+        for sample, prompts_of in protocol_samples(ds, cfg, Path(ds.description).name[:20], progress):
+            m.images += 1
+            m.objects += len(sample.masks)
+            predictor.set_embedding(inputs.model.embed(sample.image))
             for t, prompts in prompts_of.items():
-                masks, _ = predict_protocol(predictor, prompts, t, use_plugin=plugin is not None)
+                masks, _ = predict_protocol(predictor, prompts, t, use_plugin=inputs.plugin is not None)
                 bounds = np.cumsum([0] + [len(p) for p in prompts])
                 for j, gt in enumerate(sample.masks):
-                    ious = {a: [] for a in areas}
-                    for mask in masks[bounds[j]:bounds[j + 1]]:
-                        for a in areas:
-                            t0 = time.perf_counter()
-                            cleaned = clean_mask(mask, a)
-                            if a == default_area and a:
-                                clean_ms.append(1000 * (time.perf_counter() - t0))
-                            ious[a].append(float(mask_iou(cleaned, gt)))
-                        served = clean_mask(mask, default_area)
-                        for tol, opt in options.items():
-                            t0 = time.perf_counter()
-                            polygons = mask_polygons(served, opt)
-                            poly[tol]["ms"].append(1000 * (time.perf_counter() - t0))
-                            poly[tol]["iou"].append(float(mask_iou(polygons_mask(polygons, h, w), served)))
-                            poly[tol]["vertices"].append(sum(len(p) for p in polygons))
-                            poly[tol]["pieces"].append(len(polygons))
+                    ious = measure_object(masks[bounds[j]:bounds[j + 1]], gt, sample.image.shape[:2], inputs,
+                                          options, m)
                     for a in areas:
-                        gt_iou[t][a].append(float(np.mean(ious[a])))
-    seconds = time.perf_counter() - start
+                        m.gt_iou[t][a].append(float(np.mean(ious[a])))
+    m.seconds = time.perf_counter() - start
+    return m
 
-    polygons_out = {f"{tol:g}": {"iou_mean": round(float(np.mean(v["iou"])), 4),
-                                 "iou_p05": round(float(np.percentile(v["iou"], 5)), 4),
-                                 "vertices_per_object": round(float(np.mean(v["vertices"])), 1),
-                                 "vertices_median": float(np.median(v["vertices"])),
-                                 "pieces_per_object": round(float(np.mean(v["pieces"])), 2),
-                                 "ms_per_object": round(float(np.mean(v["ms"])), 3)}
-                    for tol, v in poly.items()}
-    clean_out = {t: {str(a): round(100 * float(np.mean(v)), 2) for a, v in by_area.items()}
-                 for t, by_area in gt_iou.items()}
-    print(f"\n{images} images, {objects} objects, {args.prompts} prompts per object and random type, "
-          f"{sum(len(v) for v in gt_iou[cfg.prompt_types[0]].values()) // len(areas)} object-type rows, "
-          f"{seconds:.0f} s\n")
+
+def polygon_figures(m: Measurements) -> Dict[str, Dict[str, float]]:
+    """Per tolerance: polygon vs mask IoU (mean, 5th percentile), vertices, pieces and ms per object."""
+    return {f"{tol:g}": {"iou_mean": round(float(np.mean(v["iou"])), 4),
+                         "iou_p05": round(float(np.percentile(v["iou"], 5)), 4),
+                         "vertices_per_object": round(float(np.mean(v["vertices"])), 1),
+                         "vertices_median": float(np.median(v["vertices"])),
+                         "pieces_per_object": round(float(np.mean(v["pieces"])), 2),
+                         "ms_per_object": round(float(np.mean(v["ms"])), 3)}
+            for tol, v in m.poly.items()}
+
+
+def clean_figures(m: Measurements) -> Dict[str, Dict[str, float]]:
+    """Per prompt type and clean-up area: mIoU with the ground truth, in percent."""
+    return {t: {str(a): round(100 * float(np.mean(v)), 2) for a, v in by_area.items()}
+            for t, by_area in m.gt_iou.items()}
+
+
+def print_report(args: argparse.Namespace, inputs: Inputs, m: Measurements, polygons_out: dict,
+                 clean_out: dict) -> None:
+    """The two tables: polygons per tolerance, clean masks per prompt type and area."""
+    areas, default_area = inputs.areas, DEFAULTS.mask_min_region_px
+    print(f"\n{m.images} images, {m.objects} objects, {args.prompts} prompts per object and random type, "
+          f"{sum(len(v) for v in m.gt_iou[inputs.cfg.prompt_types[0]].values()) // len(areas)} object-type rows, "
+          f"{m.seconds:.0f} s\n")
     print(f"Polygons (min area {DEFAULTS.polygon_min_area_px} px, masks cleaned at {default_area} px), "
           f"rasterised by pycocotools vs the mask:\n")
     print("| tolerance (px) | IoU polygon vs mask | 5th percentile | vertices per object (mean / median) "
@@ -168,17 +214,36 @@ def main(argv=None) -> int:
     for t, row in clean_out.items():
         cells = [f"{row[str(a)]:.2f} ({row[str(a)] - row['0']:+.2f})" for a in areas if a]
         print(f"| {TYPE_LABELS.get(t, t)} | {row['0']:.2f} | " + " | ".join(cells) + " |")
-    if clean_ms:
-        print(f"\nclean-up at {default_area} px: {np.mean(clean_ms):.2f} ms per mask")
+    if m.clean_ms:
+        print(f"\nclean-up at {default_area} px: {np.mean(m.clean_ms):.2f} ms per mask")
+
+
+def main(argv=None) -> int:
+    """Run the benchmark (``--help``) and print its figures."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        inputs = load_inputs(args)
+    except (DatasetError, CheckpointError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model, plugin = inputs.model, inputs.plugin
+    print(f"model {model.version} on {model.device}; plugin {plugin.version if plugin else 'none (plain SAM)'}; "
+          f"datasets {', '.join(d.description for d in inputs.sets)}", file=sys.stderr)
+    m = measure(inputs, not args.no_progress)
+    polygons_out, clean_out = polygon_figures(m), clean_figures(m)
+    print_report(args, inputs, m, polygons_out, clean_out)
 
     report = {
         "command": " ".join(["python", "scripts/bench_polygons.py"] + (sys.argv[1:] if argv is None else list(argv))),
         "model": model.version, "plugin": plugin.version if plugin else None, "device": str(model.device),
-        "datasets": [d.description for d in sets], "images": images, "objects": objects,
-        "prompts_per_object": args.prompts, "prompt_types": list(cfg.prompt_types),
+        "datasets": [d.description for d in inputs.sets], "images": m.images, "objects": m.objects,
+        "prompts_per_object": args.prompts, "prompt_types": list(inputs.cfg.prompt_types),
         "defaults": {"POLYGON_TOLERANCE_PX": DEFAULTS.polygon_tolerance_px,
-                     "POLYGON_MIN_AREA_PX": DEFAULTS.polygon_min_area_px, "MASK_MIN_REGION_PX": default_area},
-        "polygons": polygons_out, "clean_miou": clean_out, "seconds": round(seconds, 1),
+                     "POLYGON_MIN_AREA_PX": DEFAULTS.polygon_min_area_px,
+                     "MASK_MIN_REGION_PX": DEFAULTS.mask_min_region_px},
+        "polygons": polygons_out, "clean_miou": clean_out, "seconds": round(m.seconds, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
