@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -43,6 +43,9 @@ from PIL import Image
 
 from backend.testing.drawn_scene import drawn_scene
 from backend.testing.label_studio_regions import centroid, keypoint, loosen, recommended_config, rectangle
+
+if TYPE_CHECKING:
+    from backend.testing.local_server import Process
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOMMENDED_CONFIG = recommended_config()
@@ -212,8 +215,8 @@ def percentile(values: List[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
-def main() -> None:
-    """Run the soak (``--help``) and print its summary."""
+def parse_args() -> argparse.Namespace:
+    """The command line (``--help``); SystemExit outside the soak's own bounds."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--requests", type=int, default=50, help="requests per thread")
@@ -232,9 +235,157 @@ def main() -> None:
             and 0 < args.time_limit <= MAX_SECONDS):
         raise SystemExit(f"bounds: 1..{MAX_THREADS} threads, 1..{MAX_REQUESTS} requests each, "
                          f"time limit up to {MAX_SECONDS} s")
+    return args
 
-    from backend.testing import loopback_guard
+
+def start_target(args: argparse.Namespace, work: Path, media: Path) -> Tuple[Optional["Process"], str]:
+    """(the backend process started here or None, its URL): ``--url`` (loopback only), else a
+    gunicorn backend on a free loopback port serving ``media``, under the loopback guard."""
     from backend.testing.local_server import start_backend  # gunicorn on 127.0.0.1, a free port
+
+    if args.url:
+        loopback_only(args.url)
+        url = args.url.rstrip("/")
+        print(f"soak against {url} (the images must be under its LOCAL_FILES_DOCUMENT_ROOT={media})", file=sys.stderr)
+        return None, url
+    env = {"LOCAL_FILES_DOCUMENT_ROOT": str(media), "MODEL_DIR": str(work / "models"), "MAX_REQUEST_MB": "4",
+           "THREADS": str(args.server_threads), "LABEL_STUDIO_URL": "", "LOG_LEVEL": "WARNING",
+           "DEVICE": "cpu"}
+    return start_backend(work, env, loopback_only=True)
+
+
+def reference_answers(session: requests.Session, url: str, valid: List[Body]) -> Dict[str, List[str]]:
+    """Every valid body's masks, sent once from one thread: what the concurrent answers must equal."""
+    reference: Dict[str, List[str]] = {}
+    for b in valid:
+        status, data, _ = send(session, url, b)
+        if status != 200:
+            raise SystemExit(f"valid body {b.key} answered {status}: {data}")
+        reference[b.key] = masks_of(data)
+    return reference
+
+
+class Tally:
+    """What the client threads saw, under one lock: statuses and errors per class of body,
+    latencies, valid answers and the keys of those whose masks differed from the reference."""
+
+    def __init__(self, reference: Dict[str, List[str]]) -> None:
+        self.reference = reference
+        self.lock = threading.Lock()
+        self.status_by_class: Dict[str, Counter] = defaultdict(Counter)
+        self.errors_by_class: Dict[str, Counter] = defaultdict(Counter)
+        self.latencies: List[float] = []
+        self.mismatches: List[str] = []
+        self.valid_answers = 0
+
+    def no_answer(self, b: Body, e: Exception) -> None:
+        """``b`` got no answer (a connection error)."""
+        with self.lock:
+            self.errors_by_class[b.cls][f"no answer: {e.__class__.__name__}: {str(e)[-120:]}"] += 1
+
+    def answer(self, b: Body, status: int, data: Optional[dict], seconds: float) -> None:
+        """``b`` was answered: an error unless JSON with an expected status under 500; a valid body's
+        masks are compared with the reference."""
+        with self.lock:
+            self.latencies.append(seconds)
+            self.status_by_class[b.cls][status] += 1
+            if data is None:
+                self.errors_by_class[b.cls][f"{status} not JSON"] += 1
+            elif status >= 500 or status not in b.expect:
+                self.errors_by_class[b.cls][f"{status}: {str(data.get('error'))[:80]}"] += 1
+            if b.key is not None and status == 200:
+                self.valid_answers += 1
+                if masks_of(data) != self.reference[b.key]:
+                    self.mismatches.append(b.key)
+
+
+def run_clients(url: str, plans: List[List[Body]], deadline: float, tally: Tally) -> float:
+    """One thread per plan, all starting together, each sending its bodies in order on its own
+    session until ``deadline`` (``time.monotonic``); the seconds until the last one ends."""
+    barrier = threading.Barrier(len(plans))
+
+    def client(plan: List[Body]) -> None:
+        s = requests.Session()
+        barrier.wait()
+        for b in plan:
+            if time.monotonic() > deadline:
+                return
+            try:
+                status, data, seconds = send(s, url, b)
+            except requests.RequestException as e:
+                tally.no_answer(b, e)
+                continue
+            tally.answer(b, status, data, seconds)
+
+    t1 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(p,)) for p in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t1
+
+
+def limit_request_cost(session: requests.Session, url: str, image: Path, n: int) -> Dict[str, Any]:
+    """The status and seconds of one request of ``n`` rectangles and one of ``n`` keypoints."""
+    sc = drawn_scene(200)
+    limit_cost: Dict[str, Any] = {}
+    for kind, regions in (
+            ("rectangles", [rectangle((j % 100, j % 80, j % 100 + 100, j % 80 + 90), sc.size, rid=f"r{j}")
+                            for j in range(n)]),
+            ("keypoints", [keypoint(10 + j % 200, 10 + j % 150, sc.size, rid=f"k{j}") for j in range(n)])):
+        status, _, secs = send(session, url, Body("limit", "/predict", (200,),
+                                                  predict(str(image), regions, task_id=9100)))
+        limit_cost[kind] = {"regions": n, "status": status, "seconds": round(secs, 2)}
+    return limit_cost
+
+
+def soak_report(args: argparse.Namespace, tally: Tally, started_here: bool, rss: Optional[float],
+                metrics: Dict[str, Any], warm_s: float, seconds: float, limit_cost: Dict[str, Any]) -> Dict[str, Any]:
+    """The summary (the ``--json`` line): requests, errors and statuses per class, latency, memory,
+    masks, encoder calls, times and, with ``--limit-cost``, the request at the limit."""
+    ms = [1000 * x for x in tally.latencies]
+    out = {
+        "requests": len(tally.latencies), "planned": args.threads * args.requests, "threads": args.threads,
+        "server_threads": args.server_threads if started_here else None,
+        "hostile_share": args.hostile_share, "errors": sum(sum(c.values()) for c in tally.errors_by_class.values()),
+        "errors_by_class": {k: dict(v) for k, v in sorted(tally.errors_by_class.items())},
+        "status_by_class": {k: {str(s): n for s, n in sorted(v.items())}
+                            for k, v in sorted(tally.status_by_class.items())},
+        "latency_ms": {"p50": round(percentile(ms, 50), 1), "p95": round(percentile(ms, 95), 1),
+                       "max": round(max(ms), 1) if ms else 0.0},
+        "worker_peak_rss_mb": rss,
+        "valid_answers": tally.valid_answers, "valid_masks_equal": not tally.mismatches,
+        "mask_mismatches": len(tally.mismatches),
+        "encoder_calls": metrics.get("model_encoder_calls_total", metrics.get("encoder_calls_total")),
+        "single_thread_warmup_s": round(warm_s, 1), "seconds": round(seconds, 1),
+    }
+    if limit_cost:
+        out["limit_request"] = limit_cost
+    return out
+
+
+def print_summary(args: argparse.Namespace, out: Dict[str, Any], tally: Tally) -> None:
+    """The summary lines: requests and errors, statuses per class, latency, memory, masks, limit cost."""
+    print(f"{out['requests']} of {out['planned']} requests ({args.threads} threads, {args.hostile_share:.0%} hostile) "
+          f"in {out['seconds']} s: {out['errors']} errors")
+    for cls in sorted(tally.status_by_class):
+        bad = dict(tally.errors_by_class.get(cls, {}))
+        print(f"  {cls:22s} {dict(tally.status_by_class[cls])}{'  ERRORS ' + str(bad) if bad else ''}")
+    for cls in sorted(set(tally.errors_by_class) - set(tally.status_by_class)):
+        print(f"  {cls:22s} ERRORS {dict(tally.errors_by_class[cls])}")
+    lat, rss = out["latency_ms"], out["worker_peak_rss_mb"]
+    print(f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, max {lat['max']} ms; worker peak RSS "
+          f"{rss if rss is not None else 'unknown'} MB; valid masks equal to the single-threaded ones: "
+          f"{out['valid_masks_equal']} ({tally.valid_answers} answers)")
+    for kind, c in out.get("limit_request", {}).items():
+        print(f"one request of {c['regions']} {kind}: {c['status']} in {c['seconds']} s")
+
+
+def main() -> None:
+    """Run the soak (``--help``) and print its summary."""
+    args = parse_args()
+    from backend.testing import loopback_guard
 
     loopback_guard.install()  # this process only talks to the backend on loopback
 
@@ -242,125 +393,33 @@ def main() -> None:
     media = work / "media"
     media.mkdir()
     valid, hostile = make_bodies(media, args.images)
-    proc = None
-    if args.url:
-        loopback_only(args.url)
-        url = args.url.rstrip("/")
-        print(f"soak against {url} (the images must be under its LOCAL_FILES_DOCUMENT_ROOT={media})", file=sys.stderr)
-    else:
-        env = {"LOCAL_FILES_DOCUMENT_ROOT": str(media), "MODEL_DIR": str(work / "models"), "MAX_REQUEST_MB": "4",
-               "THREADS": str(args.server_threads), "LABEL_STUDIO_URL": "", "LOG_LEVEL": "WARNING",
-               "DEVICE": "cpu"}
-        proc, url = start_backend(work, env, loopback_only=True)
+    proc, url = start_target(args, work, media)
     try:
         session = requests.Session()
         t0 = time.perf_counter()
-        reference: Dict[str, List[str]] = {}
-        for b in valid:  # single-threaded answers first
-            status, data, _ = send(session, url, b)
-            if status != 200:
-                raise SystemExit(f"valid body {b.key} answered {status}: {data}")
-            reference[b.key] = masks_of(data)
+        tally = Tally(reference_answers(session, url, valid))  # single-threaded answers first
         warm_s = time.perf_counter() - t0
 
         rng = random.Random(args.seed)
         plans = [[rng.choice(hostile) if rng.random() < args.hostile_share else rng.choice(valid)
                   for _ in range(args.requests)] for _ in range(args.threads)]
-        lock = threading.Lock()
-        status_by_class: Dict[str, Counter] = defaultdict(Counter)
-        errors_by_class: Dict[str, Counter] = defaultdict(Counter)
-        latencies: List[float] = []
-        mismatches: List[str] = []
-        valid_answers = 0
-        deadline = time.monotonic() + args.time_limit
-        barrier = threading.Barrier(args.threads)
-
-        def client(plan: List[Body]) -> None:
-            nonlocal valid_answers
-            s = requests.Session()
-            barrier.wait()
-            for b in plan:
-                if time.monotonic() > deadline:
-                    return
-                try:
-                    status, data, seconds = send(s, url, b)
-                except requests.RequestException as e:
-                    with lock:
-                        errors_by_class[b.cls][f"no answer: {e.__class__.__name__}: {str(e)[-120:]}"] += 1
-                    continue
-                with lock:
-                    latencies.append(seconds)
-                    status_by_class[b.cls][status] += 1
-                    if data is None:
-                        errors_by_class[b.cls][f"{status} not JSON"] += 1
-                    elif status >= 500 or status not in b.expect:
-                        errors_by_class[b.cls][f"{status}: {str(data.get('error'))[:80]}"] += 1
-                    if b.key is not None and status == 200:
-                        valid_answers += 1
-                        if masks_of(data) != reference[b.key]:
-                            mismatches.append(b.key)
-
-        t1 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(p,)) for p in plans]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - t1
+        seconds = run_clients(url, plans, time.monotonic() + args.time_limit, tally)
         rss = peak_rss_mb(worker_pid(proc.proc.pid)) if proc is not None else None
-        limit_cost: Dict[str, Any] = {}
-        if args.limit_cost:
-            sc = drawn_scene(200)
-            n = args.limit_cost
-            for kind, regions in (
-                    ("rectangles", [rectangle((j % 100, j % 80, j % 100 + 100, j % 80 + 90), sc.size, rid=f"r{j}")
-                                    for j in range(n)]),
-                    ("keypoints", [keypoint(10 + j % 200, 10 + j % 150, sc.size, rid=f"k{j}") for j in range(n)])):
-                status, _, secs = send(session, url, Body("limit", "/predict", (200,),
-                                                          predict(str(media / "scene0.png"), regions, task_id=9100)))
-                limit_cost[kind] = {"regions": n, "status": status, "seconds": round(secs, 2)}
+        limit_cost = limit_request_cost(session, url, media / "scene0.png", args.limit_cost) if args.limit_cost else {}
         metrics = session.get(f"{url}/metrics", params={"format": "json"}, timeout=30).json()
     finally:
         if proc is not None:
             proc.stop()
 
-    ms = [1000 * x for x in latencies]
     # connections the guard refused, here and in the backend (its log): each an SSRF guard regression
     outside = len(loopback_guard.refused) + (proc.log_tail(10**8).count("loopback_guard: refused") if proc else 0)
     if outside:
-        errors_by_class["connection outside loopback"]["refused by backend/testing/loopback_guard.py"] += outside
-    errors = sum(sum(c.values()) for c in errors_by_class.values())
-    out = {
-        "requests": len(latencies), "planned": args.threads * args.requests, "threads": args.threads,
-        "server_threads": args.server_threads if proc is not None else None,
-        "hostile_share": args.hostile_share, "errors": errors,
-        "errors_by_class": {k: dict(v) for k, v in sorted(errors_by_class.items())},
-        "status_by_class": {k: {str(s): n for s, n in sorted(v.items())} for k, v in sorted(status_by_class.items())},
-        "latency_ms": {"p50": round(percentile(ms, 50), 1), "p95": round(percentile(ms, 95), 1),
-                       "max": round(max(ms), 1) if ms else 0.0},
-        "worker_peak_rss_mb": rss,
-        "valid_answers": valid_answers, "valid_masks_equal": not mismatches, "mask_mismatches": len(mismatches),
-        "encoder_calls": metrics.get("model_encoder_calls_total", metrics.get("encoder_calls_total")),
-        "single_thread_warmup_s": round(warm_s, 1), "seconds": round(seconds, 1),
-    }
-    if limit_cost:
-        out["limit_request"] = limit_cost
-    print(f"{out['requests']} of {out['planned']} requests ({args.threads} threads, {args.hostile_share:.0%} hostile) "
-          f"in {out['seconds']} s: {errors} errors")
-    for cls in sorted(status_by_class):
-        bad = dict(errors_by_class.get(cls, {}))
-        print(f"  {cls:22s} {dict(status_by_class[cls])}{'  ERRORS ' + str(bad) if bad else ''}")
-    for cls in sorted(set(errors_by_class) - set(status_by_class)):
-        print(f"  {cls:22s} ERRORS {dict(errors_by_class[cls])}")
-    lat = out["latency_ms"]
-    print(f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, max {lat['max']} ms; worker peak RSS "
-          f"{rss if rss is not None else 'unknown'} MB; valid masks equal to the single-threaded ones: "
-          f"{out['valid_masks_equal']} ({valid_answers} answers)")
-    for kind, c in limit_cost.items():
-        print(f"one request of {c['regions']} {kind}: {c['status']} in {c['seconds']} s")
+        tally.errors_by_class["connection outside loopback"]["refused by backend/testing/loopback_guard.py"] += outside
+    out = soak_report(args, tally, proc is not None, rss, metrics, warm_s, seconds, limit_cost)
+    print_summary(args, out, tally)
     if args.json:
         print(json.dumps(out))
-    if errors or mismatches:
+    if out["errors"] or tally.mismatches:
         sys.exit(1)
 
 
