@@ -25,7 +25,9 @@ import argparse
 import dataclasses
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -34,6 +36,7 @@ from stable_sam.timing import time_encoder as bench_time_encoder
 from stable_sam.builders import MODEL_TYPES, build, build_sam, resolve_device
 from stable_sam.model import StableSam
 from stable_sam.modeling.plugin import StableSamPlugin
+from stable_sam.preannotation import WorkList
 
 
 def time_encoder(model, paths) -> float:
@@ -42,8 +45,8 @@ def time_encoder(model, paths) -> float:
     return bench_time_encoder(model, preprocessed_inputs(model, paths), default_policy=True)
 
 
-def main() -> None:
-    """Run the benchmark (``--help``) and print its figures."""
+def parse_args() -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_folder_args(ap, images=40)
     ap.add_argument("--rounds", type=int, default=3)
@@ -56,45 +59,60 @@ def main() -> None:
                          "its checkpoint; masks are meaningless, costs are real)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return ap.parse_args()
 
-    tmp, work, boxes = generated_work(args, "bench-preannotate-")
-    paths = [it.path for it in work.items]
+
+def load_model(args: argparse.Namespace) -> StableSam:
+    """The model ``args`` name: ``--model-type`` with its weights, or random ones (``--random-weights``)."""
     if args.random_weights:
-        model = StableSam(build_sam(args.model_type, None), StableSamPlugin(), args.model_type,
-                          f"{args.model_type}-random", resolve_device(args.device))
-    else:
-        model = build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device)
-    print(f"model {model.version} on {model.device}, {torch.get_num_threads()} torch thread(s) per stage; "
-          f"{args.images} {args.format.upper()} images, {boxes} rough boxes ({boxes / args.images:.2f} per image)")
+        return StableSam(build_sam(args.model_type, None), StableSamPlugin(), args.model_type,
+                         f"{args.model_type}-random", resolve_device(args.device))
+    return build(args.model_type, sam_checkpoint=args.checkpoint, device=args.device)
 
-    # warm-up: first-call allocations, lazy inits, the OS file cache
-    time_encoder(model, paths[:3])
-    time_job(model, dataclasses.replace(work, items=work.items[:3]), tmp / "warm.json", threaded=True)
 
-    enc, threaded, serial, stages = [], [], [], []
-    outputs = {}
-    for r in range(args.rounds):
+@dataclass
+class Rounds:
+    """Per round: the encoder's seconds per image, the threaded and serial jobs' images per second,
+    the threaded job's stage seconds per image; the last COCO file each job wrote."""
+
+    encoder: List[float] = field(default_factory=list)
+    threaded: List[float] = field(default_factory=list)
+    serial: List[float] = field(default_factory=list)
+    stages: List[Dict[str, float]] = field(default_factory=list)
+    outputs: Dict[str, bytes] = field(default_factory=dict)
+
+    def medians(self) -> Tuple[float, float, float]:
+        """(encoder seconds per image, threaded and serial job images per second): medians over rounds."""
+        return statistics.median(self.encoder), statistics.median(self.threaded), statistics.median(self.serial)
+
+
+def measure_rounds(model: StableSam, work: WorkList, tmp: Path, rounds: int) -> Rounds:
+    """``rounds`` rounds of the encoder alone, the threaded job and the serial job, in an order
+    that rotates each round."""
+    paths = [it.path for it in work.items]
+    r = Rounds()
+    for i in range(rounds):
         order = ["encoder", "threaded", "serial"]
-        order = order[r % 3:] + order[:r % 3]
+        order = order[i % 3:] + order[:i % 3]
         for what in order:
             if what == "encoder":
-                enc.append(time_encoder(model, paths))
+                r.encoder.append(time_encoder(model, paths))
             else:
                 out = tmp / f"{what}.json"
                 s = time_job(model, work, out, threaded=what == "threaded")
-                (threaded if what == "threaded" else serial).append(s.images_per_s)
+                (r.threaded if what == "threaded" else r.serial).append(s.images_per_s)
                 if what == "threaded":
-                    stages.append({k: v / s.processed for k, v in s.stage_s.items()})
-                outputs[what] = out.read_bytes()
+                    r.stages.append({k: v / s.processed for k, v in s.stage_s.items()})
+                r.outputs[what] = out.read_bytes()
+    return r
 
-    enc_s = statistics.median(enc)
+
+def figures(args: argparse.Namespace, model: StableSam, r: Rounds, boxes: int) -> Dict[str, object]:
+    """The medians over rounds and what they imply (the ``--json`` line)."""
+    enc_s, ips, ips_serial = r.medians()
     limit = 1.0 / enc_s
-    ips, ips_serial = statistics.median(threaded), statistics.median(serial)
-    stage_ms = {k: round(1e3 * statistics.median(st[k] for st in stages), 2) for k in stages[0]}
-    result = {
+    stage_ms = {k: round(1e3 * statistics.median(st[k] for st in r.stages), 2) for k in r.stages[0]}
+    return {
         "images_per_s": round(ips, 3), "encoder_limit_images_per_s": round(limit, 3), "ratio": round(ips / limit, 3),
         "serial_images_per_s": round(ips_serial, 3), "serial_ratio": round(ips_serial / limit, 3),
         "encoder_ms": round(1e3 * enc_s, 2), "stage_ms_per_image": stage_ms,
@@ -102,15 +120,41 @@ def main() -> None:
         "decode_stage_limit_images_per_s": round(1e3 / stage_ms["decode_rle_write"], 3),
         "boxes_per_image": round(boxes / args.images, 2), "images": args.images, "rounds": args.rounds,
         "threads": torch.get_num_threads(), "device": str(model.device), "model": model.version,
-        "identical_output": outputs["threaded"] == outputs["serial"],
+        "identical_output": r.outputs["threaded"] == r.outputs["serial"],
     }
+
+
+def print_report(result: Dict[str, object], r: Rounds) -> None:
+    """The figures, one line each."""
+    enc_s, ips, ips_serial = r.medians()
+    limit = 1.0 / enc_s
     print(f"encoder alone:        {1e3 * enc_s:7.2f} ms/image -> limit {limit:6.2f} images/s")
     print(f"offline job, threads: {ips:7.2f} images/s  ratio {result['ratio']:.3f} (target >= 0.9)")
     print(f"offline job, serial:  {ips_serial:7.2f} images/s  ratio {result['serial_ratio']:.3f}")
     print(f"decode stage alone allows {result['decode_stage_limit_images_per_s']:.2f} images/s")
     print("job stages, ms per image (busy time; 'waited_for_encoder' = decode stage idle): "
-          + ", ".join(f"{k} {v}" for k, v in stage_ms.items()))
+          + ", ".join(f"{k} {v}" for k, v in result["stage_ms_per_image"].items()))
     print(f"threaded and serial outputs byte-identical: {result['identical_output']}")
+
+
+def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tmp, work, boxes = generated_work(args, "bench-preannotate-")
+    model = load_model(args)
+    print(f"model {model.version} on {model.device}, {torch.get_num_threads()} torch thread(s) per stage; "
+          f"{args.images} {args.format.upper()} images, {boxes} rough boxes ({boxes / args.images:.2f} per image)")
+
+    # warm-up: first-call allocations, lazy inits, the OS file cache
+    time_encoder(model, [it.path for it in work.items[:3]])
+    time_job(model, dataclasses.replace(work, items=work.items[:3]), tmp / "warm.json", threaded=True)
+
+    r = measure_rounds(model, work, tmp, args.rounds)
+    result = figures(args, model, r, boxes)
+    print_report(result, r)
     if args.json:
         print(json.dumps(result))
 
