@@ -20,7 +20,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Tuple
 
+from flask.testing import FlaskClient
 from PIL import Image
 
 from backend.app import create_app
@@ -34,15 +36,66 @@ from stable_sam.predictor import StableSamPredictor
 RECOMMENDED_CONFIG = recommended_config()
 
 
-def main() -> None:
-    """Run the benchmark (``--help``) and print its figures."""
+def parse_args() -> argparse.Namespace:
+    """The command line (``--help``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--clicks", type=int, default=5, help="clicks per image (the first one encodes)")
     ap.add_argument("--repeats", type=int, default=3, help="times each cached click is sent (and timed bare)")
     ap.add_argument("--size", default="640x480", help="image W x H")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+class ClickTimer:
+    """One click's regions timed two ways: through the app's ``/predict`` (``post``) and on the bare
+    predictor (``bare``); seconds each."""
+
+    def __init__(self, client: FlaskClient, predictor: StableSamPredictor, folder: Path, size: Tuple[int, int]) -> None:
+        self.client, self.predictor, self.folder, self.size = client, predictor, folder, size
+
+    def post(self, i: int, regions: List[dict]) -> float:
+        """Seconds of ``/predict`` on image ``i`` with ``regions`` as Label Studio sends them."""
+        payload = {"tasks": [{"id": i, "data": {"image": str(self.folder / f"img{i}.png")}, "annotations": [],
+                              "predictions": []}],
+                   "project": "1.1", "label_config": RECOMMENDED_CONFIG,
+                   "params": {"login": None, "password": None, "context": {"result": regions}}}
+        t = time.perf_counter()
+        r = self.client.post("/predict", json=payload)
+        dt = time.perf_counter() - t
+        assert r.status_code == 200, r.get_json()
+        return dt
+
+    def bare(self, regions: List[dict]) -> float:
+        """Seconds of the bare predictor (its image already set) on ``regions``."""
+        t = time.perf_counter()
+        predict_regions(self.predictor, regions, self.size)
+        return time.perf_counter() - t
+
+
+def time_sessions(timer: ClickTimer, scenes: list, clicks: int,
+                  repeats: int) -> Tuple[List[float], List[float], List[float]]:
+    """A click session per scene: (first clicks through the app, cached clicks through the app, the
+    same cached clicks on the bare predictor), seconds each."""
+    first, cached, direct = [], [], []
+    for i, sc in enumerate(scenes):
+        session = click_session(sc.masks, sc.boxes, sc.size, clicks)
+        first.append(timer.post(i, session[0]))
+        timer.predictor.set_image(sc.image)  # cache hit: the backend already encoded it
+        for regions in session[1:]:
+            for n in range(repeats):
+                if n % 2:  # alternate the order, so neither side always runs right after the other
+                    cached.append(timer.post(i, regions))
+                    direct.append(timer.bare(regions))
+                else:
+                    direct.append(timer.bare(regions))
+                    cached.append(timer.post(i, regions))
+    return first, cached, direct
+
+
+def main() -> None:
+    """Run the benchmark (``--help``) and print its figures."""
+    args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     width, height = (int(v) for v in args.size.lower().split("x"))
 
@@ -55,44 +108,15 @@ def main() -> None:
     model = build_from_settings(settings)
     print(f"model {model.version} on {model.device}; {args.images} images {width}x{height}, {args.clicks} clicks each")
     backend = StableSamBackend(settings, model=model)
-    client = create_app(backend=backend).test_client()
-    predictor = StableSamPredictor(model)
-
-    def post(i, regions):
-        payload = {"tasks": [{"id": i, "data": {"image": str(tmp / f"img{i}.png")}, "annotations": [],
-                              "predictions": []}],
-                   "project": "1.1", "label_config": RECOMMENDED_CONFIG,
-                   "params": {"login": None, "password": None, "context": {"result": regions}}}
-        t = time.perf_counter()
-        r = client.post("/predict", json=payload)
-        dt = time.perf_counter() - t
-        assert r.status_code == 200, r.get_json()
-        return dt
-
-    def bare(regions):
-        t = time.perf_counter()
-        predict_regions(predictor, regions, (width, height))
-        return time.perf_counter() - t
+    timer = ClickTimer(create_app(backend=backend).test_client(), StableSamPredictor(model), tmp, (width, height))
 
     # warm-up on an image outside the session (first-call allocations, lazy inits)
     warm = drawn_scene(99, width, height)
-    predictor.set_image(warm.image)
+    timer.predictor.set_image(warm.image)
     for regions in click_session(warm.masks, warm.boxes, warm.size, 3):
-        bare(regions)
+        timer.bare(regions)
     calls_before = model.encoder_calls
-    first, cached, direct = [], [], []
-    for i, sc in enumerate(scenes):
-        session = click_session(sc.masks, sc.boxes, sc.size, args.clicks)
-        first.append(post(i, session[0]))
-        predictor.set_image(sc.image)  # cache hit: the backend already encoded it
-        for regions in session[1:]:
-            for n in range(args.repeats):
-                if n % 2:  # alternate the order, so neither side always runs right after the other
-                    cached.append(post(i, regions))
-                    direct.append(bare(regions))
-                else:
-                    direct.append(bare(regions))
-                    cached.append(post(i, regions))
+    first, cached, direct = time_sessions(timer, scenes, args.clicks, args.repeats)
     encoder_calls = model.encoder_calls - calls_before
     cached_ms = 1e3 * statistics.median(cached)
     direct_ms = 1e3 * statistics.median(direct)
