@@ -290,83 +290,124 @@ def part_decoder_compiled(p: Part) -> None:
         p.results["compiled"][kind] = c
 
 
+def click_scenes(sz: Sizes) -> List[Tuple[np.ndarray, List[np.ndarray]]]:
+    """``sz.click_images`` + 1 generated scenes with two objects or more, as (image, masks); the
+    first is the warm-up image, outside the timed sessions."""
+    scenes = SyntheticScenes(seed=BENCH_SEED + 1, size=sz.click_size)
+    images: List[Tuple[np.ndarray, List[np.ndarray]]] = []
+    i = 0
+    while len(images) < sz.click_images + 1:
+        s = scenes[i]
+        i += 1
+        if len(s.masks) >= 2:
+            images.append((s.image, s.masks))
+    return images
+
+
+class ClickTimer:
+    """One click's regions timed through the Flask app's ``/predict`` (``post``) and on the bare
+    predictor (``bare``), the device synchronised before each clock read."""
+
+    def __init__(self, client: Any, predictor: StableSamPredictor, folder: Path, config: str,
+                 device: torch.device) -> None:
+        self.client, self.predictor, self.folder, self.config, self.device = client, predictor, folder, config, device
+
+    def post(self, k: int, regions: List[dict]) -> float:
+        """Seconds of ``/predict`` on image ``k`` with ``regions`` as the click context."""
+        from backend.testing.label_studio_regions import predict_payload  # as part_app_click's imports
+
+        t = time.perf_counter()
+        r = self.client.post("/predict", json=predict_payload(k, str(self.folder / f"img{k}.png"), regions,
+                                                              self.config))
+        sync(self.device)
+        dt_s = time.perf_counter() - t
+        if r.status_code != 200:
+            raise RuntimeError(f"/predict answered {r.status_code}: {r.get_data(as_text=True)[:300]}")
+        return dt_s
+
+    def bare(self, regions: List[dict], size: Tuple[int, int]) -> Tuple[float, Any]:
+        """(seconds, the prediction) of the bare predictor, its image already set, on ``regions``."""
+        from backend.testing.label_studio_regions import predict_regions  # as part_app_click's imports
+
+        t = time.perf_counter()
+        out = predict_regions(self.predictor, regions, size)
+        sync(self.device)
+        return time.perf_counter() - t, out
+
+
+@dataclass
+class ClickTimes:
+    """Seconds of the first click of each image (it encodes), of each cached click through the app
+    and of the same click on the bare predictor; and the bare masks' runs per row."""
+
+    first: List[float] = field(default_factory=list)
+    cached: List[float] = field(default_factory=list)
+    direct: List[float] = field(default_factory=list)
+    runs: List[float] = field(default_factory=list)
+
+
+def time_cached_clicks(timer: ClickTimer, times: ClickTimes, k: int, session: List[List[dict]],
+                       size: Tuple[int, int], repeats: int) -> None:
+    """Each click of ``session`` (image ``k``'s, after its first) ``repeats`` times, through the app
+    and bare, added to ``times``."""
+    for regions in session:
+        for n in range(repeats):
+            if n % 2:  # alternate the order, so neither side always runs right after the other
+                times.cached.append(timer.post(k, regions))
+                times.direct.append(timer.bare(regions, size)[0])
+            else:
+                d, out = timer.bare(regions, size)
+                times.direct.append(d)
+                times.cached.append(timer.post(k, regions))
+                # runs per mask row: what the brush RLE costs grows with (random weights make
+                # ragged masks; a real SAM's masks have a few runs per row)
+                times.runs.append(float(np.abs(np.diff(out.masks[0].astype(np.int8), axis=1)).sum()
+                                        / out.masks.shape[1]))
+
+
 def part_app_click(p: Part) -> None:
     """The ``app_click`` part: a cached click through the Flask app against the bare predictor."""
     from backend.app import create_app
     from backend.ml_backend import StableSamBackend
-    from backend.testing.label_studio_regions import click_session, predict_payload, predict_regions, recommended_config
+    from backend.testing.label_studio_regions import click_session, recommended_config
     from backend.server_settings import BackendSettings
 
     dev = p.device
     sz = p.sizes
     free(dev)
     tmp = Path(tempfile.mkdtemp(prefix="device-report-app-"))
-    scenes = SyntheticScenes(seed=BENCH_SEED + 1, size=sz.click_size)
-    images: List[Tuple[np.ndarray, List[np.ndarray]]] = []
-    i = 0
-    while len(images) < sz.click_images + 1:  # +1: a warm-up image outside the session
-        s = scenes[i]
-        i += 1
-        if len(s.masks) >= 2:
-            images.append((s.image, s.masks))
+    images = click_scenes(sz)
     for k, (image, _) in enumerate(images):
         Image.fromarray(image).save(tmp / f"img{k}.png")
     settings = BackendSettings.from_env()
     settings = BackendSettings(**{**settings.__dict__, "local_files_root": tmp.resolve(), "model_dir": tmp / "models"})
     model = small_or_random(sz.click_arch, dev)
     backend = StableSamBackend(settings, model=model)
-    client = create_app(backend=backend).test_client()
-    predictor = StableSamPredictor(model)
-    config = recommended_config()
+    timer = ClickTimer(create_app(backend=backend).test_client(), StableSamPredictor(model), tmp,
+                       recommended_config(), dev)
 
-    def post(k: int, regions: List[dict]) -> float:
-        t = time.perf_counter()
-        r = client.post("/predict", json=predict_payload(k, str(tmp / f"img{k}.png"), regions, config))
-        sync(dev)
-        dt_s = time.perf_counter() - t
-        if r.status_code != 200:
-            raise RuntimeError(f"/predict answered {r.status_code}: {r.get_data(as_text=True)[:300]}")
-        return dt_s
-
-    def bare(regions: List[dict], size: Tuple[int, int]) -> Tuple[float, Any]:
-        t = time.perf_counter()
-        out = predict_regions(predictor, regions, size)
-        sync(dev)
-        return time.perf_counter() - t, out
-
-    first, cached, direct, runs = [], [], [], []
+    times = ClickTimes()
     calls_before = None
     for k, (image, masks) in enumerate(images):
         size = (image.shape[1], image.shape[0])
         session = click_session(masks, [mask_to_box(m) for m in masks], size, sz.clicks)
-        first_s = post(k, session[0])
-        predictor.set_image(image)  # a cache hit: the backend encoded it
+        first_s = timer.post(k, session[0])
+        timer.predictor.set_image(image)  # a cache hit: the backend encoded it
         if k == 0:  # warm-up image: first-call allocations, lazy inits
             for regions in session[1:]:
-                post(k, regions)
-                bare(regions, size)
+                timer.post(k, regions)
+                timer.bare(regions, size)
             calls_before = model.encoder_calls
             continue
-        first.append(first_s)
-        for regions in session[1:]:
-            for n in range(sz.click_repeats):
-                if n % 2:  # alternate the order, so neither side always runs right after the other
-                    cached.append(post(k, regions))
-                    direct.append(bare(regions, size)[0])
-                else:
-                    d, out = bare(regions, size)
-                    direct.append(d)
-                    cached.append(post(k, regions))
-                    # runs per mask row: what the brush RLE costs grows with (random weights make
-                    # ragged masks; a real SAM's masks have a few runs per row)
-                    runs.append(float(np.abs(np.diff(out.masks[0].astype(np.int8), axis=1)).sum() / out.masks.shape[1]))
+        times.first.append(first_s)
+        time_cached_clicks(timer, times, k, session[1:], size, sz.click_repeats)
         p.results.update({
-            "arch": sz.click_arch, "images": len(first), "clicks": len(cached),
-            "cached_click": percentiles_ms(cached), "predictor": percentiles_ms(direct),
-            "first_click_encodes": percentiles_ms(first),
-            "ratio_p50": round(float(np.percentile(cached, 50) / np.percentile(direct, 50)), 3),
+            "arch": sz.click_arch, "images": len(times.first), "clicks": len(times.cached),
+            "cached_click": percentiles_ms(times.cached), "predictor": percentiles_ms(times.direct),
+            "first_click_encodes": percentiles_ms(times.first),
+            "ratio_p50": round(float(np.percentile(times.cached, 50) / np.percentile(times.direct, 50)), 3),
             "encoder_calls": model.encoder_calls - calls_before,
-            "mask_runs_per_row": round(float(np.mean(runs)), 2),
+            "mask_runs_per_row": round(float(np.mean(times.runs)), 2),
         })
         if p.over():
             return
