@@ -96,6 +96,54 @@ def worker_settings(settings: BackendSettings, device: str) -> BackendSettings:
     return dataclasses.replace(settings, device=device, basic_auth_user="", basic_auth_pass="")
 
 
+def task_shards(client, project: int, view: Optional[int], version: str, source: str, auto: Optional[AutoConfig],
+                limit: Optional[int], shard_size: int, summary: LabelStudioRaySummary) -> Iterator[List[Task]]:
+    """The tasks to do, in shards of ``shard_size``, as the listing goes; those already done by
+    ``version`` or without a prompt are counted in ``summary`` and skipped; ``limit`` tasks at most."""
+    shard: List[Task] = []
+    todo = 0
+    for task in list_tasks(client, project, view):
+        status = classify(task, version, SOURCES[source], auto).status
+        if status == "done":
+            summary.skipped_done += 1
+            continue
+        if status == "no-prompts":
+            summary.no_prompts += 1
+            continue
+        if limit is not None and todo >= limit:
+            break
+        todo += 1
+        shard.append(task)
+        if len(shard) == shard_size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+def run_shards(pool: ShardPool[Task], shards: Iterator[List[Task]], summary: LabelStudioRaySummary, workers: int,
+               progress: bool) -> None:
+    """Send ``shards`` through ``pool`` and add what comes back to ``summary`` (a shard given up:
+    each of its tasks failed with the reason), with a progress bar; ``summary.seconds`` and the
+    pool's retries and lost workers are set even when it stops early."""
+    run_start = time.perf_counter()
+    try:
+        with tqdm(unit="img", desc=f"pre-annotating on {workers} Ray worker(s)", disable=not progress) as bar:
+            for w, shard, result, reason in pool.run(shards):
+                if result is None:  # given up: each of its tasks is reported with the reason
+                    summary.processed += len(shard)
+                    summary.failed.extend((task.get("id"), reason or "") for task in shard)
+                else:
+                    summary.add(result)
+                    summary.by_worker[w] = summary.by_worker.get(w, 0) + result.processed
+                bar.update(len(shard))
+                bar.set_postfix(skipped=summary.skipped_done, failed=len(summary.failed),
+                                retried=pool.retried, refresh=False)
+    finally:
+        summary.seconds = time.perf_counter() - run_start
+        summary.retried_shards, summary.lost_workers = pool.retried, pool.lost_workers
+
+
 def run_label_studio_ray(client, settings: BackendSettings, project: int, view: Optional[int] = None,
                          source: str = "any", auto: Optional[AutoConfig] = None, auto_label: Optional[str] = None,
                          limit: Optional[int] = None, dry_run: bool = False, read_ahead: int = 4,
@@ -132,46 +180,8 @@ def run_label_studio_ray(client, settings: BackendSettings, project: int, view: 
         summary = LabelStudioRaySummary(version, workers=workers, shard_size=shard_size, device=device,
                                         startup_s=time.perf_counter() - start)
         log.info("%d Ray worker(s) ready in %.1f s: %s", workers, summary.startup_s, described)
-
-        def shards() -> Iterator[List[Task]]:
-            """The tasks to do, in shards, as the listing goes (skipped ones are counted here)."""
-            shard: List[Task] = []
-            todo = 0
-            for task in list_tasks(client, project, view):
-                status = classify(task, version, SOURCES[source], auto).status
-                if status == "done":
-                    summary.skipped_done += 1
-                    continue
-                if status == "no-prompts":
-                    summary.no_prompts += 1
-                    continue
-                if limit is not None and todo >= limit:
-                    break
-                todo += 1
-                shard.append(task)
-                if len(shard) == shard_size:
-                    yield shard
-                    shard = []
-            if shard:
-                yield shard
-
-        pool: ShardPool[Task] = ShardPool(ray, actors, max_attempts)
-        run_start = time.perf_counter()
-        try:
-            with tqdm(unit="img", desc=f"pre-annotating on {workers} Ray worker(s)", disable=not progress) as bar:
-                for w, shard, result, reason in pool.run(shards()):
-                    if result is None:  # given up: each of its tasks is reported with the reason
-                        summary.processed += len(shard)
-                        summary.failed.extend((task.get("id"), reason or "") for task in shard)
-                    else:
-                        summary.add(result)
-                        summary.by_worker[w] = summary.by_worker.get(w, 0) + result.processed
-                    bar.update(len(shard))
-                    bar.set_postfix(skipped=summary.skipped_done, failed=len(summary.failed),
-                                    retried=pool.retried, refresh=False)
-        finally:
-            summary.seconds = time.perf_counter() - run_start
-            summary.retried_shards, summary.lost_workers = pool.retried, pool.lost_workers
+        shards = task_shards(client, project, view, version, source, auto, limit, shard_size, summary)
+        run_shards(ShardPool(ray, actors, max_attempts), shards, summary, workers, progress)
     finally:
         stop_workers(ray, actors)
     # shards come back in any order: failures in task order, as the single-machine job lists them
