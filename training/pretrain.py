@@ -20,7 +20,7 @@ import multiprocessing
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -261,6 +261,52 @@ def training_state_path(out_path: Path) -> Path:
     return out_path.with_suffix(".state.pt")
 
 
+@dataclass
+class TrainingProgress:
+    """Where a run stands: the next step, the running loss, the eval history, and the minutes
+    spent before this process (a resumed run's)."""
+
+    step: int = 0
+    running: float = 0.0
+    history: List[Dict[str, float]] = field(default_factory=list)
+    minutes_before: float = 0.0
+
+
+def optimiser(sam: Sam, cfg: PretrainConfig) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the weights ``cfg.trainable`` names (the encoder frozen for ``decoder``) and its
+    warm-up + cosine schedule."""
+    if cfg.trainable not in ("all", "decoder"):
+        raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+    sam.image_encoder.requires_grad_(cfg.trainable == "all")
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    return opt, warmup_cosine(opt, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+def resume_training(state_path: Path, sam: Sam, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, cfg: PretrainConfig,
+                    log: Callable[[str], None]) -> TrainingProgress:
+    """Load the training state at ``state_path`` into ``sam``, ``opt``, ``sched``, ``rng`` and
+    torch's generator; where it stood. Raises ``ValueError`` for a state of another config."""
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    # A state from before a knob existed was trained with that knob's default. Only the run's
+    # length may change on resume (a CPU run cut to what time allows): the cosine then ends at
+    # the new last step.
+    saved = {**asdict(PretrainConfig()), **state["config"]}
+    if {**saved, "steps": cfg.steps} != asdict(cfg):
+        raise ValueError(f"{state_path} was written by another config; remove it or pass the same "
+                         f"arguments (saved: {state['config']})")
+    if saved["steps"] != cfg.steps:
+        log(f"the schedule now ends at step {cfg.steps} (it was {saved['steps']})")
+    sam.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    log(f"resumed from {state_path} at step {state['step']}")
+    return TrainingProgress(state["step"], state["running"], state["history"], state["minutes"])
+
+
 def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path, log: Callable[[str], None] = print,
                  resume: bool = True, data_workers: int = 0) -> Dict[str, object]:
     """Train every SAM weight on synthetic scenes; save fp16 weights to ``out_path``.
@@ -273,39 +319,17 @@ def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path, log: Callable[[s
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     train, heldout = training_scenes(cfg, sam.image_encoder.img_size)
-    if cfg.trainable not in ("all", "decoder"):
-        raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
-    sam.image_encoder.requires_grad_(cfg.trainable == "all")
-    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    history: List[Dict[str, float]] = []
-    first_step, running, minutes_before = 0, 0.0, 0.0
+    opt, sched = optimiser(sam, cfg)
     state_path = training_state_path(out_path)
+    progress = TrainingProgress()
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        # A state from before a knob existed was trained with that knob's default. Only the run's
-        # length may change on resume (a CPU run cut to what time allows): the cosine then ends at
-        # the new last step.
-        saved = {**asdict(PretrainConfig()), **state["config"]}
-        if {**saved, "steps": cfg.steps} != asdict(cfg):
-            raise ValueError(f"{state_path} was written by another config; remove it or pass the same "
-                             f"arguments (saved: {state['config']})")
-        if saved["steps"] != cfg.steps:
-            log(f"the schedule now ends at step {cfg.steps} (it was {saved['steps']})")
-        sam.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        first_step, running, history = state["step"], state["running"], state["history"]
-        minutes_before = state["minutes"]
-        log(f"resumed from {state_path} at step {first_step}")
+        progress = resume_training(state_path, sam, opt, sched, rng, cfg, log)
+    first_step, running, history = progress.step, progress.running, progress.history
     sam.train()
     start = time.time()
 
     def minutes() -> float:
-        return minutes_before + (time.time() - start) / 60
+        return progress.minutes_before + (time.time() - start) / 60
 
     for step, batch in enumerate(scene_batches(train, first_step, cfg, data_workers), start=first_step):
         loss = train_step(sam, opt, batch, cfg, rng)
