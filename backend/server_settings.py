@@ -13,7 +13,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from stable_sam.settings import NO_PLUGIN, ModelSettings
 
@@ -22,33 +22,22 @@ class SettingsError(ValueError):
     """An environment variable with a value that cannot be used."""
 
 
+Number = TypeVar("Number", int, float)
+
+
 def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, default).strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0,
-         maximum: Optional[int] = None) -> int:
+def _number(env: Mapping[str, str], name: str, default: Number, convert: Callable[[str], Number],
+            minimum: Number, maximum: Optional[Number]) -> Number:
+    """``name``'s value read by ``convert``, within ``minimum`` and ``maximum`` (None: no bound);
+    ``default`` when unset or blank."""
     raw = _str(env, name)
     if not raw:
         return default
     try:
-        value = int(float(raw))
-    except ValueError as e:
-        raise SettingsError(f"{name}={raw!r} is not a number") from e
-    if value < minimum:
-        raise SettingsError(f"{name}={value} must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise SettingsError(f"{name}={value} must be <= {maximum}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0,
-           maximum: Optional[float] = None) -> float:
-    raw = _str(env, name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
+        value = convert(raw)
     except ValueError as e:
         raise SettingsError(f"{name}={raw!r} is not a number") from e
     if not minimum <= value:  # also NaN
@@ -56,6 +45,16 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     if maximum is not None and not value <= maximum:
         raise SettingsError(f"{name}={value} must be <= {maximum}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0,
+         maximum: Optional[int] = None) -> int:
+    return _number(env, name, default, lambda raw: int(float(raw)), minimum, maximum)  # "1e3" and "2.0" too
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0,
+           maximum: Optional[float] = None) -> float:
+    return _number(env, name, default, float, minimum, maximum)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
