@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stable_sam.timing import compare_decoders, interactive_prompts, live_plugin, random_embedding, time_plugin_parts
+from stable_sam.timing import (compare_decoders, interactive_prompts, live_plugin, random_features_predictor,
+                               time_plugin_parts)
 from stable_sam.builders import build, build_sam, resolve_device
 from stable_sam.model import StableSam
 from stable_sam.predictor import StableSamPredictor
@@ -61,8 +62,7 @@ def main() -> None:
     h, w = 768, 1024
     for name in ("vit_b", "sam2.1_hiera_tiny"):
         model = StableSam(build_sam(name, None), live_plugin(), name, f"{name}-random", device)
-        predictor = StableSamPredictor(model)
-        predictor.set_embedding(random_embedding(model, h, w))
+        predictor = random_features_predictor(model, h, w)
         results[name] = compare_decoders(predictor, session_prompts(h, w), args.rounds,
                                          calls=2 if device.type == "cpu" else 20)
         results[name].update(time_plugin_parts(model.plugin, model.adapter.grid_hw, device, calls=20))

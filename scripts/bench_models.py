@@ -28,11 +28,10 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from stable_sam.timing import compare_decoders, live_plugin, random_embedding, time_encoder
+from stable_sam.timing import compare_decoders, live_plugin, random_features_predictor, time_encoder
 from stable_sam.builders import MODEL_TYPES, build, build_sam, resolve_device
 from stable_sam.embedding_cache import features_nbytes
 from stable_sam.model import StableSam
-from stable_sam.predictor import StableSamPredictor
 
 DEFAULT_TYPES = ("sam_tiny", "vit_b", "sam2.1_hiera_tiny", "sam2.1_hiera_small")
 
@@ -69,9 +68,7 @@ def measure(model_type: str, device: torch.device, images: int, rounds: int) -> 
     with torch.inference_mode():
         r["cache_mib_per_image"] = round(features_nbytes(a.encode(x)) / 2**20, 2)
     r["rss_encoded_mib"] = peak_rss_mib()
-    predictor = StableSamPredictor(model)
-    h, w = 768, 1024
-    predictor.set_embedding(random_embedding(model, h, w))
+    predictor = random_features_predictor(model, h=768, w=1024)
     box = dict(box=np.array([200.0, 150.0, 620.0, 560.0]))
     r["decoder"] = compare_decoders(predictor, [box], rounds, calls=5)
     return r

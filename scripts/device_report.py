@@ -56,7 +56,8 @@ from PIL import Image
 
 from stable_sam.timing import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
-                                     random_embedding, random_model, sync, time_encoder, time_job, time_plugin_parts)
+                                     random_features_predictor, random_model, sync, time_encoder, time_job,
+                                     time_plugin_parts)
 from stable_sam.builders import build, resolve_device
 from stable_sam.checkpoint import atomic_write_json
 from stable_sam.data.synthetic import SyntheticScenes
@@ -221,14 +222,14 @@ def part_decoder(p: Part) -> None:
             return
         free(dev)
         model = small_or_random(arch, dev)
-        predictor = StableSamPredictor(model)
         if arch == "sam_tiny":
             image = np.asarray(Image.open(EXAMPLE).convert("RGB"))
+            predictor = StableSamPredictor(model)
             predictor.set_image(image)
             h, w = image.shape[:2]
         else:  # the decoder's cost does not depend on the embedding's values
             h, w = sz.decoder_image_hw
-            predictor.set_embedding(random_embedding(model, h, w))
+            predictor = random_features_predictor(model, h, w)
         r: Dict[str, Any] = {"image_hw": [h, w], "many_boxes": sz.many_boxes, "kinds": {}}
         p.results[arch] = r
         prompts = interactive_prompts(h, w, sz.many_boxes)
@@ -254,8 +255,7 @@ def part_decoder_compiled(p: Part) -> None:
     free(dev)
     model = small_or_random(sz.compile_arch, dev)
     h, w = sz.decoder_image_hw
-    predictor = StableSamPredictor(model)
-    predictor.set_embedding(random_embedding(model, h, w))
+    predictor = random_features_predictor(model, h, w)
     prompts = {k: v for k, v in interactive_prompts(h, w, sz.many_boxes).items() if k in sz.compile_kinds}
     p.results.update({"arch": sz.compile_arch, "backend": sz.compile_backend, "many_boxes": sz.many_boxes,
                       "eager": {}, "compiled": {}, "compile_s": {}, "max_logit_diff": {}})

@@ -26,7 +26,6 @@ import base64
 import io
 import ipaddress
 import json
-import os
 import random
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import numpy as np

@@ -80,6 +80,14 @@ def random_embedding(model: StableSam, h: int, w: int, seed: int = 0) -> ImageEm
     return ImageEmbedding(maps[0], (h, w), model.adapter.input_size(h, w), "random", tuple(maps[1:]))
 
 
+def random_features_predictor(model: StableSam, h: int, w: int) -> StableSamPredictor:
+    """A predictor of ``model`` whose image is ``random_embedding``'s features of an H x W image:
+    ready to time the decoder without the encoder."""
+    predictor = StableSamPredictor(model)
+    predictor.set_embedding(random_embedding(model, h, w))
+    return predictor
+
+
 def interactive_prompts(h: int, w: int, many_boxes: int = 16) -> Dict[str, dict]:
     """The prompts of a labeling session on an H x W image, as ``predict`` keyword arguments: one
     click, one box, a box with two clicks (one negative), and ``many_boxes`` boxes in one call
