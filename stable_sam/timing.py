@@ -55,7 +55,9 @@ def default_device(device: torch.device) -> Iterator[None]:
 def live_plugin(seed: int = 0) -> StableSamPlugin:
     """A plugin with random non-zero weights, so offsets and routing are live (the untrained one is
     an exact no-op whose cost could differ from a trained one's)."""
-    plugin = StableSamPlugin()
+    with torch.random.fork_rng(devices=[]):  # its own initial weights seeded too, the caller's RNG untouched
+        torch.manual_seed(seed)
+        plugin = StableSamPlugin()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in plugin.parameters():
