@@ -309,7 +309,8 @@ def resume_training(state_path: Path, sam: Sam, opt: torch.optim.Optimizer,
 
 def pretrain_sam(sam: Sam, cfg: PretrainConfig, out_path: Path, log: Callable[[str], None] = print,
                  resume: bool = True, data_workers: int = 0) -> Dict[str, object]:
-    """Train every SAM weight on synthetic scenes; save fp16 weights to ``out_path``.
+    """Train the weights ``cfg.trainable`` names on ``cfg.world``'s scenes (synthetic or photos);
+    save fp16 weights to ``out_path``.
     ``data_workers``: processes drawing the scenes ahead (``scene_batches``; the same result).
 
     Every ``cfg.checkpoint_every`` steps the full training state (fp32 weights, optimiser,

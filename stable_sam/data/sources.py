@@ -33,8 +33,8 @@ def json_kind(path: Path) -> str:
 
 def is_generated(spec: Union[str, Path]) -> bool:
     """Whether ``spec`` names generated scenes (``<world>:<split>`` of a registered world, e.g.
-    ``synthetic:heldout``): endless, so
-    a command picks a default start and number of images for them."""
+    ``synthetic:heldout``): endless, so a command picks a default start and number of images for
+    them."""
     world, _, split = str(spec).partition(":")
     return bool(split) and world in WORLDS
 
