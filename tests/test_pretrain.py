@@ -259,3 +259,26 @@ def test_a_run_resumes_with_another_length_and_ends_its_schedule_there(tmp_path)
     summary = pretrain_sam(build_sam_tiny(), replace(cfg, steps=2), out, log=lines.append)
     assert any("resumed" in line for line in lines) and any("now ends at step 2" in line for line in lines)
     assert [h["step"] for h in summary["history"]] == [1, 2]
+
+
+def test_one_click_trains_the_single_mask_output_only_when_asked():
+    """SAM's output token 0 answers one click in single-mask mode (the protocol's 1 point): with
+    point prompts of one click and no corrective round, it gets a gradient only from the knob."""
+    torch.manual_seed(0)
+    sam = build_sam_tiny()
+    scenes = [s for s in (SyntheticScenes(seed=TRAIN_SEED)[i] for i in range(3)) if s.masks][:2]
+    batch = torch.stack([image_to_tensor(sam, s.image) for s in scenes])
+    token0 = sam.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight
+
+    def token0_grad(cfg: PretrainConfig, seed: int = 0) -> float:
+        sam.zero_grad()
+        step_loss(sam, sam.image_encoder(batch), scenes, cfg, np.random.default_rng(seed)).backward()
+        return token0.grad.abs().sum().item() if token0.grad is not None else 0.0
+
+    one_click = replace(PretrainConfig(), masks_per_image=2, iterations=1, point_prob=1.0)
+    assert token0_grad(one_click) == 0.0
+    assert token0_grad(replace(one_click, single_mask_click_weight=0.5)) > 0
+    # several starting clicks are answered (and trained) in single-mask mode, as SAM does
+    several = replace(one_click, start_points_max=3)
+    grads = [token0_grad(several, seed) for seed in range(6)]  # k drawn per call: some 1, some more
+    assert any(g == 0 for g in grads) and any(g > 0 for g in grads), grads

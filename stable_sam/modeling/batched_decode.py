@@ -21,3 +21,13 @@ def decode_on_own_images(decoder: MaskDecoder, embeddings: torch.Tensor, image_p
     return decoder(image_embeddings=embeddings.new_zeros((1,) + tuple(embeddings.shape[1:])),
                    image_pe=image_pe, sparse_prompt_embeddings=sparse,
                    dense_prompt_embeddings=dense + embeddings, multimask_output=multimask)
+
+
+def decode_all_on_own_images(decoder: MaskDecoder, embeddings: torch.Tensor, image_pe: torch.Tensor,
+                             sparse: torch.Tensor, dense: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As ``decode_on_own_images``, but all four of SAM's outputs: logits B x 4 x 4h x 4w and IoU
+    B x 4, the single-mask output first, then the three multimask ones (what SAM computes either
+    way before it slices)."""
+    return decoder.predict_masks(image_embeddings=embeddings.new_zeros((1,) + tuple(embeddings.shape[1:])),
+                                 image_pe=image_pe, sparse_prompt_embeddings=sparse,
+                                 dense_prompt_embeddings=dense + embeddings)
