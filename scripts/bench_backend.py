@@ -18,18 +18,16 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Tuple
 
-from flask.testing import FlaskClient
 from PIL import Image
 
 from backend.app import create_app
 from backend.ml_backend import StableSamBackend
 from backend.server_settings import BackendSettings
 from backend.testing.drawn_scene import drawn_scene
-from backend.testing.label_studio_regions import click_session, predict_regions, recommended_config
+from backend.testing.label_studio_regions import ClickTimer, click_session, recommended_config
 from stable_sam.builders import build_from_settings
 from stable_sam.predictor import StableSamPredictor
 
@@ -47,32 +45,6 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-class ClickTimer:
-    """One click's regions timed two ways: through the app's ``/predict`` (``post``) and on the bare
-    predictor (``bare``); seconds each."""
-
-    def __init__(self, client: FlaskClient, predictor: StableSamPredictor, folder: Path, size: Tuple[int, int]) -> None:
-        self.client, self.predictor, self.folder, self.size = client, predictor, folder, size
-
-    def post(self, i: int, regions: List[dict]) -> float:
-        """Seconds of ``/predict`` on image ``i`` with ``regions`` as Label Studio sends them."""
-        payload = {"tasks": [{"id": i, "data": {"image": str(self.folder / f"img{i}.png")}, "annotations": [],
-                              "predictions": []}],
-                   "project": "1.1", "label_config": RECOMMENDED_CONFIG,
-                   "params": {"login": None, "password": None, "context": {"result": regions}}}
-        t = time.perf_counter()
-        r = self.client.post("/predict", json=payload)
-        dt = time.perf_counter() - t
-        assert r.status_code == 200, r.get_json()
-        return dt
-
-    def bare(self, regions: List[dict]) -> float:
-        """Seconds of the bare predictor (its image already set) on ``regions``."""
-        t = time.perf_counter()
-        predict_regions(self.predictor, regions, self.size)
-        return time.perf_counter() - t
-
-
 def time_sessions(timer: ClickTimer, scenes: list, clicks: int,
                   repeats: int) -> Tuple[List[float], List[float], List[float]]:
     """A click session per scene: (first clicks through the app, cached clicks through the app, the
@@ -86,9 +58,9 @@ def time_sessions(timer: ClickTimer, scenes: list, clicks: int,
             for n in range(repeats):
                 if n % 2:  # alternate the order, so neither side always runs right after the other
                     cached.append(timer.post(i, regions))
-                    direct.append(timer.bare(regions))
+                    direct.append(timer.bare(regions, sc.size)[0])
                 else:
-                    direct.append(timer.bare(regions))
+                    direct.append(timer.bare(regions, sc.size)[0])
                     cached.append(timer.post(i, regions))
     return first, cached, direct
 
@@ -108,13 +80,13 @@ def main() -> None:
     model = build_from_settings(settings)
     print(f"model {model.version} on {model.device}; {args.images} images {width}x{height}, {args.clicks} clicks each")
     backend = StableSamBackend(settings, model=model)
-    timer = ClickTimer(create_app(backend=backend).test_client(), StableSamPredictor(model), tmp, (width, height))
+    timer = ClickTimer(create_app(backend=backend).test_client(), StableSamPredictor(model), tmp, RECOMMENDED_CONFIG)
 
     # warm-up on an image outside the session (first-call allocations, lazy inits)
     warm = drawn_scene(99, width, height)
     timer.predictor.set_image(warm.image)
     for regions in click_session(warm.masks, warm.boxes, warm.size, 3):
-        timer.bare(regions)
+        timer.bare(regions, warm.size)
     calls_before = model.encoder_calls
     first, cached, direct = time_sessions(timer, scenes, args.clicks, args.repeats)
     encoder_calls = model.encoder_calls - calls_before

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.testing.label_studio_regions import ClickTimer, click_session, recommended_config
 from stable_sam.timing import (BENCH_SEED, compare_decoders, generated_folder, generated_samples,
                                      interactive_prompts, live_plugin, percentiles_ms, preprocessed_inputs,
                                      random_features_predictor, random_model, sync, time_encoder, time_job,
@@ -304,37 +305,6 @@ def click_scenes(sz: Sizes) -> List[Tuple[np.ndarray, List[np.ndarray]]]:
     return images
 
 
-class ClickTimer:
-    """One click's regions timed through the Flask app's ``/predict`` (``post``) and on the bare
-    predictor (``bare``), the device synchronised before each clock read."""
-
-    def __init__(self, client: Any, predictor: StableSamPredictor, folder: Path, config: str,
-                 device: torch.device) -> None:
-        self.client, self.predictor, self.folder, self.config, self.device = client, predictor, folder, config, device
-
-    def post(self, k: int, regions: List[dict]) -> float:
-        """Seconds of ``/predict`` on image ``k`` with ``regions`` as the click context."""
-        from backend.testing.label_studio_regions import predict_payload  # as part_app_click's imports
-
-        t = time.perf_counter()
-        r = self.client.post("/predict", json=predict_payload(k, str(self.folder / f"img{k}.png"), regions,
-                                                              self.config))
-        sync(self.device)
-        dt_s = time.perf_counter() - t
-        if r.status_code != 200:
-            raise RuntimeError(f"/predict answered {r.status_code}: {r.get_data(as_text=True)[:300]}")
-        return dt_s
-
-    def bare(self, regions: List[dict], size: Tuple[int, int]) -> Tuple[float, Any]:
-        """(seconds, the prediction) of the bare predictor, its image already set, on ``regions``."""
-        from backend.testing.label_studio_regions import predict_regions  # as part_app_click's imports
-
-        t = time.perf_counter()
-        out = predict_regions(self.predictor, regions, size)
-        sync(self.device)
-        return time.perf_counter() - t, out
-
-
 @dataclass
 class ClickTimes:
     """Seconds of the first click of each image (it encodes), of each cached click through the app
@@ -369,7 +339,6 @@ def part_app_click(p: Part) -> None:
     """The ``app_click`` part: a cached click through the Flask app against the bare predictor."""
     from backend.app import create_app
     from backend.ml_backend import StableSamBackend
-    from backend.testing.label_studio_regions import click_session, recommended_config
     from backend.server_settings import BackendSettings
 
     dev = p.device

@@ -3,10 +3,14 @@ region list of an annotator's click session: what the benchmarks and tests send 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+
+from stable_sam.timing import sync
 
 LABEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "label_config"
 
@@ -97,3 +101,33 @@ def predict_regions(predictor, regions: List[dict], size: Tuple[int, int]):
     groups, _ = group_prompts(parse_regions(regions), size[0], size[1])
     (g,) = groups
     return predictor.predict_objects([g.prompt])
+
+
+class ClickTimer:
+    """One click's regions timed through the Flask app's ``/predict`` (``post``) and on the bare
+    predictor (``bare``), seconds each, the device synchronised before each clock read. Image
+    ``k`` is ``folder / f"img{k}.png"``."""
+
+    def __init__(self, client: Any, predictor: Any, folder: Path, label_config: str,
+                 device: Optional[torch.device] = None) -> None:
+        self.client, self.predictor, self.folder, self.label_config = client, predictor, folder, label_config
+        self.device = device or torch.device("cpu")
+
+    def post(self, k: int, regions: List[dict]) -> float:
+        """Seconds of ``/predict`` on image ``k`` with ``regions`` as the click context."""
+        t = time.perf_counter()
+        r = self.client.post("/predict", json=predict_payload(k, str(self.folder / f"img{k}.png"), regions,
+                                                              self.label_config))
+        sync(self.device)
+        dt_s = time.perf_counter() - t
+        if r.status_code != 200:
+            raise RuntimeError(f"/predict answered {r.status_code}: {r.get_data(as_text=True)[:300]}")
+        return dt_s
+
+    def bare(self, regions: List[dict], size: Tuple[int, int]) -> Tuple[float, Any]:
+        """(seconds, the prediction) of the bare predictor, its image already set, on ``regions``
+        of an image of ``size`` (W, H)."""
+        t = time.perf_counter()
+        out = predict_regions(self.predictor, regions, size)
+        sync(self.device)
+        return time.perf_counter() - t, out
