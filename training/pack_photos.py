@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import tarfile
-import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import BinaryIO, Dict, List
 
 from PIL import Image
+
+from stable_sam.checkpoint import atomic_write
 
 # What the device tool carries, all paths together.
 CARRY_LIMIT_BYTES = 64 * 2**20
@@ -48,11 +48,9 @@ def pack_photos(folders: List[Path], out: Path, quality: int) -> Dict[str, int]:
     if len(set(names)) != len(names):
         raise ValueError(f"folders must have distinct names, got {names}")
     counts = {"images": 0, "masks": 0, "image_bytes_before": 0, "image_bytes_after": 0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".part")
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz", compresslevel=9) as tar:
+
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w:gz", compresslevel=9) as tar:
             for folder in folders:
                 images = sorted((folder / "images").iterdir())
                 masks = sorted((folder / "masks").glob("*.png"))
@@ -67,10 +65,8 @@ def pack_photos(folders: List[Path], out: Path, quality: int) -> Dict[str, int]:
                 for path in masks:
                     tar.add(path, arcname=f"{folder.name}/masks/{path.name}")
                     counts["masks"] += 1
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(out, write)
     counts["archive_bytes"] = out.stat().st_size
     return counts
 

@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from stable_sam.predictor import StableSamPredictor
 from stable_sam.timing import sync
 
 LABEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "label_config"
@@ -108,7 +109,7 @@ class ClickTimer:
     predictor (``bare``), seconds each, the device synchronised before each clock read. Image
     ``k`` is ``folder / f"img{k}.png"``."""
 
-    def __init__(self, client: Any, predictor: Any, folder: Path, label_config: str,
+    def __init__(self, client: Any, predictor: StableSamPredictor, folder: Path, label_config: str,
                  device: Optional[torch.device] = None) -> None:
         self.client, self.predictor, self.folder, self.label_config = client, predictor, folder, label_config
         self.device = device or torch.device("cpu")
