@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     if neg:
         print(f"a negative click on a wrongly included region raised IoU in {neg['raised_share']} % of "
               f"{neg['cases']} cases (mean IoU {neg['iou_before']} -> {neg['iou_after']})")
+        for by in ("by_prompt", "by_iou_before"):
+            print(f"  {by.replace('_', ' ')}: " + "; ".join(
+                f"{name} {row['raised_share']} % of {row['cases']}" for name, row in neg[by].items()))
     if args.json:
         out = {k: profile[k] for k in ("types", "noisy04_over_gt", "point1_over_point3",
                                        "outside_box_share", "negative_click", "images", "objects")}

@@ -44,6 +44,10 @@ ERROR_PARTS = ("fn", "fp_neighbour", "fp_band", "fp_far")
 NEGATIVE_CLICK_TYPES = ("noisy_box_0.4", "point1")
 NEGATIVE_CLICK_PROMPTS = 5
 MIN_SPILL_SHARE, MIN_SPILL_PX = 0.02, 16
+# The first mask's IoU splits the negative-click cases: a click that trims a fair mask is a
+# harder test than one that trims a poor one.
+IOU_BEFORE_EDGES = (0.0, 0.3, 0.6, 0.8)
+IOU_BEFORE_BINS = ("below 0.3", "0.3-0.6", "0.6-0.8", "0.8 and above")
 
 
 def error_pixels(pred: np.ndarray, gt: np.ndarray, others: np.ndarray, band: np.ndarray) -> np.ndarray:
@@ -111,18 +115,33 @@ def negative_clicks(predictor: StableSamPredictor, prompts: Sequence[Prompts], g
              float(mask_iou(second.masks[k][None], gts[rows[r][0]])[0])) for k, r in enumerate(cases)]
 
 
+def click_summary(cases: Sequence[Tuple[float, float]]) -> Dict[str, float]:
+    """(IoU before, IoU after) of each negative click -> ``{"cases", "raised_share", "iou_before",
+    "iou_after"}``, IoUs and the share of cases whose IoU rose in percent."""
+    before, after = np.array(cases, dtype=float).T
+    return {"cases": len(cases), "raised_share": round(100 * float((after > before).mean()), 2),
+            "iou_before": round(100 * float(before.mean()), 2), "iou_after": round(100 * float(after.mean()), 2)}
+
+
+def split_by_iou_before(cases: Sequence[Tuple[float, float]]) -> List[List[Tuple[float, float]]]:
+    """``cases`` split by the first mask's IoU, one list per ``IOU_BEFORE_BINS`` entry."""
+    edges = IOU_BEFORE_EDGES + (float("inf"),)
+    return [[c for c in cases if lo <= c[0] < hi] for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Optional[StableSamPlugin] = None,
                     cfg: ProtocolConfig = ProtocolConfig(), progress: bool = True) -> Dict[str, object]:
     """The profile of plain SAM (``plugin`` None) or Stable-SAM with ``plugin`` on every object of
     ``dataset``: ``{"types": {P: {"miou", *ERROR_PARTS}}, "noisy04_over_gt", "point1_over_point3",
-    "outside_box_share", "negative_click": {"cases", "raised_share", "iou_before", "iou_after"} | None,
+    "outside_box_share", "negative_click": {"cases", "raised_share", "iou_before", "iou_after", "by_prompt":
+    {P: the same four}, "by_iou_before": {bin: the same four}} | None,
     "images", "objects"}``, figures in percent except the ratios."""
     predictor, use_plugin = StableSamPredictor(model, max_batch=128, plugin=plugin), plugin is not None
     ious: Dict[str, List[float]] = {t: [] for t in cfg.prompt_types}
     errors = {t: np.zeros(len(ERROR_PARTS)) for t in cfg.prompt_types}  # pixels, summed
     areas = {t: 0 for t in cfg.prompt_types}  # object pixels x prompts, summed
     outside: List[float] = []
-    clicked: List[Tuple[float, float]] = []  # (IoU before, after) of each negative click
+    clicked: Dict[str, List[Tuple[float, float]]] = {t: [] for t in NEGATIVE_CLICK_TYPES}  # (IoU before, after)
     images = objects = 0
     for sample, prompts_of in protocol_samples(dataset, cfg, "failure profile", progress):
         images += 1
@@ -143,7 +162,7 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
                 if t == "noisy_box_0.4":
                     outside.append(float(outside_box_share(gt, prompts[j].boxes).mean()))
             if t in NEGATIVE_CLICK_TYPES:
-                clicked += negative_clicks(predictor, prompts, sample.masks, use_plugin)
+                clicked[t] += negative_clicks(predictor, prompts, sample.masks, use_plugin)
     types = {t: {"miou": round(100 * float(np.mean(ious[t])), 2),
                  **{k: round(100 * float(v) / max(areas[t], 1), 2) for k, v in zip(ERROR_PARTS, errors[t])}}
              for t in cfg.prompt_types}
@@ -154,11 +173,12 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
         return None
 
     negative = None
-    if clicked:
-        before, after = np.array(clicked).T
-        negative = {"cases": len(clicked), "raised_share": round(100 * float((after > before).mean()), 2),
-                    "iou_before": round(100 * float(before.mean()), 2),
-                    "iou_after": round(100 * float(after.mean()), 2)}
+    every = [c for t in NEGATIVE_CLICK_TYPES for c in clicked[t]]
+    if every:
+        negative = {**click_summary(every),
+                    "by_prompt": {t: click_summary(clicked[t]) for t in NEGATIVE_CLICK_TYPES if clicked[t]},
+                    "by_iou_before": {name: click_summary(cases) for name, cases in
+                                      zip(IOU_BEFORE_BINS, split_by_iou_before(every)) if cases}}
     return {"types": types, "noisy04_over_gt": ratio("noisy_box_0.4", "gt_box"),
             "point1_over_point3": ratio("point1", "point3"),
             "outside_box_share": round(100 * float(np.mean(outside)), 2) if outside else None,
@@ -174,5 +194,6 @@ def profile_table(profile: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ERROR_PARTS", "PROMPT_TYPES", "band_around", "error_pixels", "failure_profile", "negative_click_point",
-           "negative_clicks", "outside_box_share", "profile_table"]
+__all__ = ["ERROR_PARTS", "IOU_BEFORE_BINS", "PROMPT_TYPES", "band_around", "click_summary", "error_pixels",
+           "failure_profile", "negative_click_point", "negative_clicks", "outside_box_share", "profile_table",
+           "split_by_iou_before"]

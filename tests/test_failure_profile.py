@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from stable_sam.data.sources import open_dataset
-from stable_sam.mask_errors import band_around, error_pixels, negative_click_point, negative_clicks, outside_box_share
+from stable_sam.mask_errors import (IOU_BEFORE_BINS, split_by_iou_before, band_around, click_summary, error_pixels,
+                                    negative_click_point, negative_clicks, outside_box_share)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,14 @@ def test_a_negative_click_goes_deep_inside_the_largest_spill():
     assert spill[int(y), int(x)] and int(y) == 1
 
 
+def test_click_summary_counts_the_cases_whose_iou_rose_and_bins_them_by_the_first_iou():
+    cases = [(0.2, 0.5), (0.7, 0.6), (0.9, 0.95), (0.65, 0.65)]
+    assert click_summary(cases) == {"cases": 4, "raised_share": 50.0, "iou_before": 61.25, "iou_after": 67.5}
+    bins = dict(zip(IOU_BEFORE_BINS, split_by_iou_before(cases)))
+    assert bins == {"below 0.3": [(0.2, 0.5)], "0.3-0.6": [], "0.6-0.8": [(0.7, 0.6), (0.65, 0.65)],
+                    "0.8 and above": [(0.9, 0.95)]}
+
+
 def test_negative_clicks_score_only_spilling_masks(tiny_model):
     from stable_sam.evaluation import Prompts
     from stable_sam.predictor import StableSamPredictor
@@ -68,8 +77,14 @@ def test_failure_profile_script_json_contract(tmp_path):
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(last) >= {"types", "noisy04_over_gt", "point1_over_point3", "outside_box_share", "negative_click"}
     neg = last["negative_click"]
-    assert neg is None or (set(neg) == {"cases", "raised_share", "iou_before", "iou_after"} and neg["cases"] >= 1
+    summary = {"cases", "raised_share", "iou_before", "iou_after"}
+    assert neg is None or (set(neg) == summary | {"by_prompt", "by_iou_before"} and neg["cases"] >= 1
                            and 0 <= neg["raised_share"] <= 100)
+    if neg is not None:  # each split partitions the cases
+        for by in ("by_prompt", "by_iou_before"):
+            assert all(set(row) == summary for row in neg[by].values())
+            assert sum(row["cases"] for row in neg[by].values()) == neg["cases"]
+        assert set(neg["by_prompt"]) <= {"noisy_box_0.4", "point1"}
     assert list(last["types"]) == ["gt_box", "noisy_box_0.2", "noisy_box_0.4", "point1", "point3"]
     for row in last["types"].values():
         assert set(row) == {"miou", "fn", "fp_neighbour", "fp_band", "fp_far"}
