@@ -46,8 +46,7 @@ NEGATIVE_CLICK_PROMPTS = 5
 MIN_SPILL_SHARE, MIN_SPILL_PX = 0.02, 16
 # The first mask's IoU splits the negative-click cases: a click that trims a fair mask is a
 # harder test than one that trims a poor one.
-IOU_BEFORE_EDGES = (0.0, 0.3, 0.6, 0.8)
-IOU_BEFORE_BINS = ("below 0.3", "0.3-0.6", "0.6-0.8", "0.8 and above")
+IOU_BEFORE_BINS = {"below 0.3": 0.0, "0.3-0.6": 0.3, "0.6-0.8": 0.6, "0.8 and above": 0.8}  # name: lower edge
 
 
 def error_pixels(pred: np.ndarray, gt: np.ndarray, others: np.ndarray, band: np.ndarray) -> np.ndarray:
@@ -123,10 +122,10 @@ def click_summary(cases: Sequence[Tuple[float, float]]) -> Dict[str, float]:
             "iou_before": round(100 * float(before.mean()), 2), "iou_after": round(100 * float(after.mean()), 2)}
 
 
-def split_by_iou_before(cases: Sequence[Tuple[float, float]]) -> List[List[Tuple[float, float]]]:
-    """``cases`` split by the first mask's IoU, one list per ``IOU_BEFORE_BINS`` entry."""
-    edges = IOU_BEFORE_EDGES + (float("inf"),)
-    return [[c for c in cases if lo <= c[0] < hi] for lo, hi in zip(edges[:-1], edges[1:])]
+def split_by_iou_before(cases: Sequence[Tuple[float, float]]) -> Dict[str, List[Tuple[float, float]]]:
+    """``cases`` split by the first mask's IoU: ``{bin name: cases}``, the bins of ``IOU_BEFORE_BINS``."""
+    edges = list(IOU_BEFORE_BINS.values()) + [float("inf")]
+    return {name: [c for c in cases if lo <= c[0] < hi] for name, lo, hi in zip(IOU_BEFORE_BINS, edges, edges[1:])}
 
 
 def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Optional[StableSamPlugin] = None,
@@ -177,8 +176,8 @@ def failure_profile(model: StableSam, dataset: SegmentationDataset, plugin: Opti
     if every:
         negative = {**click_summary(every),
                     "by_prompt": {t: click_summary(clicked[t]) for t in NEGATIVE_CLICK_TYPES if clicked[t]},
-                    "by_iou_before": {name: click_summary(cases) for name, cases in
-                                      zip(IOU_BEFORE_BINS, split_by_iou_before(every)) if cases}}
+                    "by_iou_before": {name: click_summary(cases)
+                                      for name, cases in split_by_iou_before(every).items() if cases}}
     return {"types": types, "noisy04_over_gt": ratio("noisy_box_0.4", "gt_box"),
             "point1_over_point3": ratio("point1", "point3"),
             "outside_box_share": round(100 * float(np.mean(outside)), 2) if outside else None,

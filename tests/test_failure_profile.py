@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from stable_sam.data.sources import open_dataset
-from stable_sam.mask_errors import (IOU_BEFORE_BINS, split_by_iou_before, band_around, click_summary, error_pixels,
-                                    negative_click_point, negative_clicks, outside_box_share)
+from stable_sam.mask_errors import (band_around, click_summary, error_pixels, negative_click_point, negative_clicks,
+                                    outside_box_share, split_by_iou_before)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +49,8 @@ def test_a_negative_click_goes_deep_inside_the_largest_spill():
 def test_click_summary_counts_the_cases_whose_iou_rose_and_bins_them_by_the_first_iou():
     cases = [(0.2, 0.5), (0.7, 0.6), (0.9, 0.95), (0.65, 0.65)]
     assert click_summary(cases) == {"cases": 4, "raised_share": 50.0, "iou_before": 61.25, "iou_after": 67.5}
-    bins = dict(zip(IOU_BEFORE_BINS, split_by_iou_before(cases)))
-    assert bins == {"below 0.3": [(0.2, 0.5)], "0.3-0.6": [], "0.6-0.8": [(0.7, 0.6), (0.65, 0.65)],
-                    "0.8 and above": [(0.9, 0.95)]}
+    assert split_by_iou_before(cases) == {"below 0.3": [(0.2, 0.5)], "0.3-0.6": [],
+                                          "0.6-0.8": [(0.7, 0.6), (0.65, 0.65)], "0.8 and above": [(0.9, 0.95)]}
 
 
 def test_negative_clicks_score_only_spilling_masks(tiny_model):
